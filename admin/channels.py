@@ -1,0 +1,87 @@
+"""/admin/channels — api_key is write-only: accepted here, never returned."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from sqlmodel import Session, select
+from starlette.concurrency import run_in_threadpool
+
+from admin.crud import apply_patch, commit, get_or_404, snapshot_row
+from admin.deps import db_session, require_admin
+from admin.schemas import ChannelCreate, ChannelOut, ChannelUpdate
+from channels.base import UpstreamError
+from channels.registry import build
+from relay.catalog import channel_config
+from relay.models import Channel, utcnow
+
+router = APIRouter(prefix="/admin/channels", tags=["channels"])
+
+
+@router.post("", status_code=201, response_model=ChannelOut)
+def create_channel(body: ChannelCreate, request: Request, s: Session = Depends(db_session),
+                   actor: str = Depends(require_admin)) -> ChannelOut:
+    channel = Channel(**body.model_dump(exclude_none=True))
+    commit(s, request, action="create", entity="channel", row=channel, before=None, actor=actor)
+    return ChannelOut.of(channel)
+
+
+@router.get("", response_model=list[ChannelOut])
+def list_channels(s: Session = Depends(db_session), _: str = Depends(require_admin)) -> list[ChannelOut]:
+    return [ChannelOut.of(c) for c in s.exec(select(Channel).order_by(Channel.id)).all()]
+
+
+@router.get("/{channel_id}", response_model=ChannelOut)
+def get_channel(channel_id: int, s: Session = Depends(db_session),
+                _: str = Depends(require_admin)) -> ChannelOut:
+    return ChannelOut.of(get_or_404(s, Channel, channel_id, "channel"))
+
+
+@router.patch("/{channel_id}", response_model=ChannelOut)
+def update_channel(channel_id: int, body: ChannelUpdate, request: Request, s: Session = Depends(db_session),
+                   actor: str = Depends(require_admin)) -> ChannelOut:
+    channel = get_or_404(s, Channel, channel_id, "channel")
+    before = snapshot_row(channel)
+    apply_patch(channel, body.model_dump(exclude_unset=True))
+    commit(s, request, action="update", entity="channel", row=channel, before=before, actor=actor)
+    return ChannelOut.of(channel)
+
+
+@router.delete("/{channel_id}", status_code=204)
+def delete_channel(channel_id: int, request: Request, s: Session = Depends(db_session),
+                   actor: str = Depends(require_admin)) -> None:
+    channel = get_or_404(s, Channel, channel_id, "channel")
+    before = snapshot_row(channel)
+    s.delete(channel)
+    commit(s, request, action="delete", entity="channel", row=channel, before=before, actor=actor)
+
+
+@router.post("/{channel_id}/test", response_model=ChannelOut)
+async def test_channel(channel_id: int, request: Request, model: str | None = None,
+                       s: Session = Depends(db_session), _: str = Depends(require_admin)) -> ChannelOut:
+    """Sends new-api's test request ("hi", max_tokens 16) and stores latency and outcome."""
+    row = await run_in_threadpool(get_or_404, s, Channel, channel_id, "channel")
+    config = channel_config(row)
+    requested = model or config.models[0]
+    probe = {"model": config.upstream_model(requested), "max_tokens": 16,
+             "messages": [{"role": "user", "content": "hi"}]}
+    started = time.perf_counter()
+    ok, error = True, None
+    try:
+        answer = await build(config).chat(probe)
+        content = answer["choices"][0]["message"].get("content")
+        if not isinstance(content, str) or "usage" not in answer:
+            ok, error = False, "answer has no string content or no usage"
+    except UpstreamError as exc:
+        ok, error = False, f"{exc.kind}: {exc.message}"
+    except Exception as exc:  # a plugin's own bug is a failed test, not a 500
+        ok, error = False, f"{type(exc).__name__}: {exc}"
+    row.last_test_at = utcnow()
+    row.last_test_ok = ok
+    row.last_test_latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    row.last_test_error = error
+    # Not an edit of the configuration: updated_at stays, so no process reloads for a test.
+    s.add(row)
+    await run_in_threadpool(s.commit)
+    return ChannelOut.of(row)

@@ -1,0 +1,57 @@
+"""/admin/usage and /admin/audit — read-only views over request logs and audit events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy import case, func
+from sqlmodel import Session, select
+
+from admin.deps import db_session, require_admin
+from admin.schemas import _as_utc
+from relay.models import AuditEvent, RequestLog
+
+router = APIRouter(prefix="/admin", tags=["usage"])
+
+
+@router.get("/usage")
+def usage(since: datetime | None = None, until: datetime | None = None, tenant_id: int | None = None,
+          model: str | None = None, s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
+    """Totals grouped by tenant, model and channel over an optional time window."""
+    cols = (RequestLog.tenant_id, RequestLog.model, RequestLog.channel_id)
+    query = select(*cols, func.count(), func.sum(RequestLog.prompt_tokens),
+                   func.sum(RequestLog.completion_tokens), func.sum(RequestLog.total_tokens),
+                   func.sum(case((RequestLog.status_code >= 400, 1), else_=0)),
+                   func.avg(RequestLog.latency_ms)).group_by(*cols).order_by(*cols)
+    if since is not None:
+        query = query.where(RequestLog.created_at >= _as_utc(since))
+    if until is not None:
+        query = query.where(RequestLog.created_at < _as_utc(until))
+    if tenant_id is not None:
+        query = query.where(RequestLog.tenant_id == tenant_id)
+    if model is not None:
+        query = query.where(RequestLog.model == model)
+    rows = [{"tenant_id": t, "model": m, "channel_id": c, "requests": n, "prompt_tokens": int(p or 0),
+             "completion_tokens": int(ct or 0), "total_tokens": int(tt or 0), "errors": int(e or 0),
+             "avg_latency_ms": round(float(lat or 0), 3)}
+            for t, m, c, n, p, ct, tt, e, lat in s.exec(query).all()]
+    return {"object": "list", "data": rows}
+
+
+@router.get("/logs")
+def logs(limit: int = Query(100, ge=1, le=1000), tenant_id: int | None = None,
+         s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
+    query = select(RequestLog).order_by(RequestLog.id.desc()).limit(limit)
+    if tenant_id is not None:
+        query = query.where(RequestLog.tenant_id == tenant_id)
+    return {"object": "list", "data": [r.model_dump(mode="json") for r in s.exec(query).all()]}
+
+
+@router.get("/audit")
+def audit(limit: int = Query(100, ge=1, le=1000), entity: str | None = None,
+          s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if entity is not None:
+        query = query.where(AuditEvent.entity == entity)
+    return {"object": "list", "data": [e.model_dump(mode="json") for e in s.exec(query).all()]}

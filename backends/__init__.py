@@ -1,0 +1,1 @@
+"""The local torch/transformers worker (arrives with the worker issue)."""

@@ -1,0 +1,351 @@
+"""Throughput and latency of policy-relay against a direct upstream and the LiteLLM proxy, in one run.
+
+Three targets serve the same fast fake upstream (tests/fake_upstream.py), each measured the same way:
+  (a) the upstream called directly, (b) policy-relay (1 worker), (c) the LiteLLM proxy (1 worker).
+For each: requests/s at concurrency 32 for --duration seconds, and p50/p99 latency at concurrency 1
+over --requests requests. policy-relay's own work is read from its `Server-Timing: relay;dur=...`
+header. All figures are ratios against baselines measured in the same run.
+
+Run from the repository root with the project's venv:
+    python bench/relay_bench.py [--duration 10] [--requests 300] [--skip-litellm-proxy]
+
+The LiteLLM proxy needs `litellm[proxy]`, whose extras would move packages pinned by this project,
+so it lives in its own venv:
+    python3 -m venv /work/bench-venv
+    /work/bench-venv/bin/pip install 'litellm[proxy]==1.106.2'
+    LITELLM_PROXY_BIN=/work/bench-venv python bench/relay_bench.py
+The proxy is found via --litellm-proxy-cmd (a full command, e.g. "/work/bench-venv/bin/litellm"),
+else $LITELLM_PROXY_BIN (the `litellm` executable or a venv directory), else `litellm` on PATH.
+If it cannot be found or started, (a) and (b) still run and the report says why (c) was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "bench-model"
+BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}).encode()
+
+
+@dataclass
+class Target:
+    name: str
+    url: str  # the chat/completions URL
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    rps: float = 0.0
+    lat_ms: list[float] = field(default_factory=list)
+    relay_ms: list[float] = field(default_factory=list)  # Server-Timing relay;dur, if the target sends it
+    upstream_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    skipped: str | None = None
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] if ordered else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Servers:
+    """Subprocesses, each in its own session so a server's workers stop with it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        full_env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str, lines: int = 8) -> str:
+        text = (self.tmp / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        return "\n".join("    " + line for line in text[-lines:])
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)  # the group this process leads (start_new_session)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode}")
+        try:
+            async with session.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"not ready after {timeout_s:.0f}s")
+
+
+async def one(session: aiohttp.ClientSession, target: Target, res: Result, timed: bool) -> None:
+    t0 = time.perf_counter()
+    async with session.post(target.url, data=BODY, headers=target.headers) as r:
+        await r.read()
+        status, timing = r.status, r.headers.get("Server-Timing")
+    if status != 200:
+        res.errors += 1
+        return
+    if timed:
+        res.lat_ms.append((time.perf_counter() - t0) * 1000)
+        for part in (timing or "").split(","):
+            name, _, dur = part.strip().partition(";dur=")
+            if name in ("relay", "upstream") and dur:
+                (res.relay_ms if name == "relay" else res.upstream_ms).append(float(dur))
+
+
+async def run_for(session: aiohttp.ClientSession, target: Target, res: Result, conc: int, seconds: float) -> int:
+    """`conc` loops sending back to back until the deadline; returns the number of successful requests."""
+    deadline = time.perf_counter() + seconds
+    done = 0
+
+    async def loop() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            before = res.errors
+            await one(session, target, res, timed=False)
+            done += res.errors == before
+
+    await asyncio.gather(*(loop() for _ in range(conc)))
+    return done
+
+
+async def measure(target: Target, args: argparse.Namespace) -> Result:
+    res = Result()
+    connector = aiohttp.TCPConnector(limit=args.concurrency, ttl_dns_cache=None)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await run_for(session, target, res, args.concurrency, args.warmup)  # warm-up: connections, caches, JIT-ish
+        for _ in range(20):
+            await one(session, target, res, timed=False)
+        res.errors = 0
+        for _ in range(args.requests):
+            await one(session, target, res, timed=True)
+        t0 = time.perf_counter()
+        done = await run_for(session, target, res, args.concurrency, args.duration)
+        res.rps = done / (time.perf_counter() - t0)
+    return res
+
+
+async def setup_relay(session: aiohttp.ClientSession, base: str, token: str, upstream: str) -> str:
+    """Tenant, key and channel through the admin API; returns the client key."""
+    admin = {"Authorization": f"Bearer {token}"}
+
+    async def post(path: str, payload: dict) -> dict:
+        async with session.post(base + path, json=payload, headers=admin) as r:
+            if r.status >= 300:
+                raise RuntimeError(f"POST {path} -> {r.status}: {await r.text()}")
+            return await r.json()
+
+    tenant = await post("/admin/tenants", {"name": "bench"})
+    key = (await post("/admin/keys", {"tenant_id": tenant["id"], "name": "bench"}))["key"]
+    await post("/admin/channels", {"name": "fake", "type": "openai", "base_url": upstream, "models": [MODEL]})
+    return key
+
+
+async def check(session: aiohttp.ClientSession, target: Target) -> None:
+    """One request must come back as a chat.completion from the fake upstream before we time anything."""
+    async with session.post(target.url, data=BODY, headers=target.headers) as r:
+        text = await r.text()
+    if r.status != 200 or "Hello from bench-model" not in text:
+        raise RuntimeError(f"smoke request failed: {r.status} {text[:300]}")
+
+
+def proxy_command(args: argparse.Namespace) -> list[str] | None:
+    if args.litellm_proxy_cmd:
+        return shlex.split(args.litellm_proxy_cmd)
+    env = os.environ.get("LITELLM_PROXY_BIN")
+    if env:
+        path = Path(env)
+        return [str(path / "bin" / "litellm" if path.is_dir() else path)]
+    found = shutil.which("litellm")
+    return [found] if found else None
+
+
+async def bench(args: argparse.Namespace, servers: Servers) -> dict[str, Result]:
+    results: dict[str, Result] = {}
+    up_port = free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        proc = servers.start("upstream", [sys.executable, "-m", "tests.fake_upstream", "--port", str(up_port),
+                                          "--delay-ms", str(args.upstream_delay_ms)])
+        await wait_ready(s, upstream + "/v1/models", proc, 30)
+        direct = Target("upstream direct", upstream + "/v1/chat/completions")
+        await check(s, direct)
+        print("measuring upstream direct ...", file=sys.stderr)
+        results[direct.name] = await measure(direct, args)
+
+        port, token = free_port(), secrets.token_hex(16)
+        env = {"RELAY_DATABASE_URL": f"sqlite:///{servers.tmp / 'bench.db'}", "RELAY_REDIS_URL": "none",
+               "RELAY_ADMIN_TOKEN": token, "RELAY_PORT": str(port)}
+        base = f"http://127.0.0.1:{port}"
+        proc = servers.start("relay", [sys.executable, "-m", "relay.cli", "serve", "--workers", "1",
+                                       "--log-level", "warning"], env)
+        try:
+            await wait_ready(s, base + "/health", proc, 60)
+        except RuntimeError as exc:
+            raise RuntimeError(f"policy-relay {exc}:\n{servers.log_tail('relay')}") from exc
+        key = await setup_relay(s, base, token, upstream)
+        relay = Target("policy-relay", base + "/v1/chat/completions", {"Authorization": f"Bearer {key}"})
+        await check(s, relay)
+        print("measuring policy-relay ...", file=sys.stderr)
+        results[relay.name] = await measure(relay, args)
+        servers.stop("relay")
+
+        name = "litellm proxy"
+        cmd = None if args.skip_litellm_proxy else proxy_command(args)
+        if args.skip_litellm_proxy:
+            results[name] = Result(skipped="--skip-litellm-proxy given")
+        elif cmd is None:
+            results[name] = Result(skipped="no `litellm` found (see --litellm-proxy-cmd / LITELLM_PROXY_BIN)")
+        else:
+            results[name] = await bench_proxy(args, servers, s, cmd, upstream)
+    return results
+
+
+async def bench_proxy(args: argparse.Namespace, servers: Servers, s: aiohttp.ClientSession, cmd: list[str],
+                      upstream: str) -> Result:
+    port, master = free_port(), "sk-bench-" + secrets.token_hex(16)
+    config = {"model_list": [{"model_name": MODEL, "litellm_params": {
+                  "model": f"openai/{MODEL}", "api_base": upstream + "/v1", "api_key": "none"}}],
+              "general_settings": {"master_key": master},  # no database_url: keys are not looked up in a DB
+              "litellm_settings": {"telemetry": False}}
+    cfg = servers.tmp / "litellm.yaml"
+    cfg.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "WARNING"}
+    try:
+        proc = servers.start("litellm", [*cmd, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+                                         "--num_workers", "1"], env)
+    except OSError as exc:
+        return Result(skipped=f"could not run {shlex.join(cmd)}: {exc}")
+    proxy = Target("litellm proxy", f"http://127.0.0.1:{port}/v1/chat/completions",
+                   {"Authorization": f"Bearer {master}"})
+    try:
+        await wait_ready(s, f"http://127.0.0.1:{port}/health/liveliness", proc, 120)
+        await check(s, proxy)
+    except (RuntimeError, aiohttp.ClientError) as exc:
+        servers.stop("litellm")
+        return Result(skipped=f"{shlex.join(cmd)} did not start: {exc}\n{servers.log_tail('litellm')}")
+    print("measuring litellm proxy ...", file=sys.stderr)
+    result = await measure(proxy, args)
+    servers.stop("litellm")
+    return result
+
+
+def report(results: dict[str, Result], args: argparse.Namespace) -> None:
+    print(f"\npolicy-relay benchmark: fake upstream delay {args.upstream_delay_ms:g} ms, {os.cpu_count()} CPUs, "
+          f"load generator in-process (aiohttp)")
+    print(f"  throughput: c={args.concurrency} for {args.duration:g}s; latency: c=1 over {args.requests} requests\n")
+    print(f"{'target':<18}{'req/s @c=' + str(args.concurrency):>14}{'p50 ms @c=1':>14}{'p99 ms @c=1':>14}"
+          f"{'errors':>8}")
+    for name, r in results.items():
+        if r.skipped:
+            print(f"{name:<18}{'skipped':>14}")
+            continue
+        print(f"{name:<18}{r.rps:>14.1f}{pct(r.lat_ms, 50):>14.2f}{pct(r.lat_ms, 99):>14.2f}{r.errors:>8}")
+
+    relay, direct, proxy = results["policy-relay"], results["upstream direct"], results["litellm proxy"]
+    print("\npolicy-relay Server-Timing at c=1 (ms):")
+    if relay.relay_ms:
+        print(f"  relay;dur     p50 {pct(relay.relay_ms, 50):7.3f}   p99 {pct(relay.relay_ms, 99):7.3f}"
+              f"   ({len(relay.relay_ms)} responses)")
+        print(f"  upstream;dur  p50 {pct(relay.upstream_ms, 50):7.3f}   p99 {pct(relay.upstream_ms, 99):7.3f}")
+    else:
+        print("  no Server-Timing header with relay;dur in the responses")
+
+    d50 = pct(direct.lat_ms, 50)
+    print("\nratios (same run):")
+    print(f"  policy-relay / upstream direct req/s: {relay.rps / direct.rps:.2f}x")
+    print(f"  p50 added over upstream direct: policy-relay +{pct(relay.lat_ms, 50) - d50:.2f} ms", end="")
+    if proxy.skipped:
+        print(f"\n  litellm proxy skipped: {proxy.skipped}")
+        return
+    print(f", litellm proxy +{pct(proxy.lat_ms, 50) - d50:.2f} ms")
+    ratio = relay.rps / proxy.rps if proxy.rps else float("inf")
+    print(f"  litellm proxy / upstream direct req/s: {proxy.rps / direct.rps:.2f}x")
+    verdict = "met" if ratio >= 2.5 else "NOT met"
+    print(f"  policy-relay / litellm proxy req/s: {ratio:.2f}x  (target >= 2.5x: {verdict})")
+
+
+def run(coro: Coroutine[None, None, dict[str, Result]]) -> dict[str, Result]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run (default 10)")
+    parser.add_argument("--requests", type=int, default=300, help="requests per c=1 latency run (default 300)")
+    parser.add_argument("--concurrency", type=int, default=32, help="connections for throughput (default 32)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target (default 2)")
+    parser.add_argument("--upstream-delay-ms", type=float, default=0.0, help="fake upstream delay (default 0)")
+    parser.add_argument("--skip-litellm-proxy", action="store_true", help="measure only (a) and (b)")
+    parser.add_argument("--litellm-proxy-cmd", help='command that runs the proxy, e.g. "/venv/bin/litellm"')
+    args = parser.parse_args()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops the servers
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        servers = Servers(Path(tmp))
+        try:
+            results = run(bench(args, servers))
+        except RuntimeError as exc:
+            print(f"benchmark failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            servers.stop_all()
+    report(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

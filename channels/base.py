@@ -1,0 +1,71 @@
+"""The channel interface. A channel type is a class registered under the `policy_relay.channels`
+entry-point group; it is built once per configured channel and must be cheap to call."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """What an adaptor knows about its channel (a detached copy of the database row)."""
+
+    id: int
+    name: str
+    type: str
+    base_url: str | None
+    api_key: str | None
+    models: tuple[str, ...]
+    model_mapping: dict[str, str] = field(default_factory=dict)
+    priority: int = 0
+    weight: int = 1
+    timeout_s: float = 60.0
+    retries: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+
+    def upstream_model(self, model: str) -> str:
+        return self.model_mapping.get(model, model)
+
+
+class UpstreamError(Exception):
+    """A failure talking to the channel, already classified for routing and for the client."""
+
+    def __init__(self, status: int, message: str, *, retryable: bool, kind: str = "upstream_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retryable = retryable  # connect errors, timeouts, 429 and 5xx; never 4xx client errors
+        self.kind = kind
+
+
+class Channel(ABC):
+    """Requests arrive already rewritten by the policy, with `model` set to the upstream name.
+    Responses are plain dicts in OpenAI's shape; streams yield OpenAI chunk dicts."""
+
+    type_name: ClassVar[str]
+
+    def __init__(self, config: ChannelConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    async def chat(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def chat_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def completion(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def completion_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def list_models(self) -> list[str]:
+        return list(self.config.models)
+
+    async def health(self) -> bool:
+        """A cheap liveness probe; the admin 'test' endpoint sends a real request instead."""
+        return True

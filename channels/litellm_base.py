@@ -1,0 +1,170 @@
+"""Shared dispatch through litellm for every litellm-backed channel type.
+
+Subclasses say only how a model name becomes a litellm model string and which connection
+arguments to add; calls, streaming, response cleaning and error classification live here."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("LITELLM_TELEMETRY", "False")
+
+import litellm  # noqa: E402
+import openai  # noqa: E402
+
+from channels.base import Channel, UpstreamError  # noqa: E402
+
+litellm.telemetry = False
+litellm.suppress_debug_info = True
+# litellm logs every call at INFO; at relay rates that is noise and CPU.
+for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+# litellm adds its own bookkeeping to every object; clients of an OpenAI API must not see it.
+_PRIVATE_KEYS = frozenset({"provider_specific_fields", "_hidden_params", "_response_ms"})
+# Keys that only litellm understands as its own arguments; never forwarded from a client body.
+_LITELLM_RESERVED = frozenset({"api_base", "base_url", "api_key", "custom_llm_provider", "num_retries",
+                               "mock_response", "litellm_logging_obj", "metadata"})
+
+
+def clean(value: Any) -> Any:
+    """Drop litellm's private fields and None values (but keep a message's null content)."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k in _PRIVATE_KEYS or (v is None and k != "content"):
+                continue
+            out[k] = clean(v)
+        return out
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    return value
+
+
+def _clean_chunk(chunk: Any) -> dict[str, Any]:
+    data = clean(chunk.model_dump())
+    text_completion = data.get("object") == "text_completion"
+    for choice in data.get("choices", []):
+        if text_completion:
+            choice.setdefault("text", "")  # OpenAI's final completion chunk carries text ""
+        delta = choice.get("delta")
+        if delta and delta.get("content", "") is None:  # a delta's null content is noise, unlike a message's
+            del delta["content"]
+    # OpenAI's final usage chunk has no choices; litellm gives it one empty delta.
+    if data.get("usage") and all(not c.get("delta") and not c.get("finish_reason") and not c.get("text")
+                                 for c in data.get("choices", [])):
+        data["choices"] = []
+    return data
+
+
+def classify(exc: Exception) -> UpstreamError:
+    """Map litellm/openai exceptions to retryable-or-not upstream errors. Messages are ours, so a
+    provider's words about credit or balance never reach ONE API (it would disable this relay)."""
+    status = getattr(exc, "status_code", None)
+    chain = _causes(exc)
+    if any(isinstance(e, litellm.Timeout | openai.APITimeoutError | TimeoutError) for e in chain):
+        return UpstreamError(504, "The upstream channel timed out.", retryable=True, kind="timeout")
+    # litellm reports a refused connection as a 500 "InternalServerError"; the cause chain knows better.
+    if any(isinstance(e, openai.APIConnectionError | ConnectionError) for e in chain):
+        return UpstreamError(502, "Could not connect to the upstream channel.", retryable=True,
+                             kind="connect_error")
+    if isinstance(exc, litellm.ContextWindowExceededError | litellm.UnsupportedParamsError) or status in (
+            400, 413, 422):
+        return UpstreamError(400, _first_line(exc), retryable=False, kind="invalid_request_error")
+    if status in (401, 403):
+        return UpstreamError(502, "The upstream channel rejected the relay's credentials.", retryable=True,
+                             kind="upstream_auth")
+    if status == 404:
+        return UpstreamError(502, "The upstream channel does not serve this model.", retryable=True,
+                             kind="upstream_not_found")
+    if status == 429:
+        return UpstreamError(429, "The upstream channel is busy; retry shortly.", retryable=True,
+                             kind="upstream_rate_limited")
+    return UpstreamError(502, f"The upstream channel failed (status {status or 'unknown'}).", retryable=True)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(getattr(exc, "message", None) or exc)
+    # litellm prefixes "litellm.BadRequestError: OpenAIException - ..."; keep the provider's words.
+    for marker in ("Exception - ", "Error: "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return text.strip().splitlines()[0][:500] if text.strip() else "The upstream rejected the request."
+
+
+class LiteLLMChannel(Channel):
+    type_name = "litellm"
+
+    def litellm_model(self, upstream_model: str) -> str:
+        """`options.model` wins (one provider model per channel); otherwise the mapped name is itself
+        a litellm model string such as `anthropic/claude-3-5-haiku`."""
+        return self.config.options.get("model") or upstream_model
+
+    def text_model(self, upstream_model: str) -> str:
+        return self.litellm_model(upstream_model)
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        kwargs = {k: v for k, v in self.config.options.items() if k != "model"}
+        if self.config.base_url:
+            kwargs["api_base"] = self.config.base_url
+        if self.config.api_key:
+            kwargs["api_key"] = self.config.api_key
+        return kwargs
+
+    def _kwargs(self, request: dict[str, Any], *, text: bool = False) -> dict[str, Any]:
+        body = {k: v for k, v in request.items() if k not in _LITELLM_RESERVED}
+        body["model"] = (self.text_model if text else self.litellm_model)(request["model"])
+        return {**body, **self.connection_kwargs(), "timeout": self.config.timeout_s, "num_retries": 0}
+
+    async def chat(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await litellm.acompletion(**self._kwargs(request))
+        except Exception as exc:
+            raise classify(exc) from exc
+        return clean(response.model_dump())
+
+    async def chat_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        try:
+            stream = await litellm.acompletion(**self._kwargs(request))
+            async for chunk in stream:
+                yield _clean_chunk(chunk)
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            raise classify(exc) from exc
+
+    async def completion(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await litellm.atext_completion(**self._kwargs(request, text=True))
+        except Exception as exc:
+            raise classify(exc) from exc
+        return clean(response.model_dump())
+
+    async def completion_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        try:
+            stream = await litellm.atext_completion(**self._kwargs(request, text=True))
+            async for chunk in stream:
+                yield _clean_chunk(chunk)
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            raise classify(exc) from exc
+
+
+async def warm_up() -> None:
+    """litellm loads its provider modules on first use (~1 s); pay that at startup, offline."""
+    await litellm.acompletion(model="openai/warm-up", messages=[{"role": "user", "content": "hi"}],
+                              mock_response="ok", api_key="none")

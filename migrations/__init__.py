@@ -1,0 +1,1 @@
+"""Alembic environment for policy-relay (run through `policy-relay db upgrade`)."""

@@ -1,0 +1,79 @@
+"""The OpenAI-compatible HTTP surface: parse, validate, authenticate, hand to the pipeline, encode."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+
+from relay.auth import authenticate, model_allowed
+from relay.errors import not_found
+from relay.openai_schema import ChatRequest, CompletionRequest, parse_body
+from relay.pipeline import Pipeline, RelayCall
+
+router = APIRouter()
+_STARTED = int(time.time())
+
+
+def _pipeline(request: Request) -> Pipeline:
+    return request.app.state.pipeline
+
+
+def _principal(request: Request):
+    client_ip = request.client.host if request.client else None
+    return authenticate(_pipeline(request).catalog.snapshot, request.headers.get("authorization"), client_ip)
+
+
+async def _relay(request: Request, endpoint: str, schema) -> Response:
+    started = time.perf_counter()
+    principal = _principal(request)  # a bad key is a 401 even when the body is broken too
+    body = parse_body(await request.body(), schema)
+    result = await _pipeline(request).run(RelayCall(endpoint, body, principal, started))
+    if result.stream is not None:
+        return StreamingResponse(result.stream, media_type="text/event-stream",
+                                 headers={**result.headers, "Cache-Control": "no-cache"})
+    return Response(orjson.dumps(result.body), media_type="application/json", headers=result.headers)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _relay(request, "chat", ChatRequest)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _relay(request, "completions", CompletionRequest)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    principal = _principal(request)
+    snapshot = _pipeline(request).catalog.snapshot
+    data = []
+    for model in sorted(snapshot.channels_by_model):
+        if model_allowed(principal, model):
+            data.append(_model_card(model))
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, request: Request) -> Response:
+    principal = _principal(request)
+    snapshot = _pipeline(request).catalog.snapshot
+    if model not in snapshot.channels_by_model or not model_allowed(principal, model):
+        raise not_found(f"The model `{model}` does not exist or you do not have access to it.", "model",
+                        "model_not_found")
+    return Response(orjson.dumps(_model_card(model)), media_type="application/json")
+
+
+def _model_card(model: str) -> dict:
+    return {"id": model, "object": "model", "created": _STARTED, "owned_by": "policy-relay"}
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    ready = getattr(request.app.state, "ready", False)
+    return Response(orjson.dumps({"status": "ok" if ready else "starting"}), status_code=200 if ready else 503,
+                    media_type="application/json")

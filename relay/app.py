@@ -1,0 +1,68 @@
+"""The application factory: wires settings, database, in-memory catalog, usage recorder, pipeline
+and routers, and runs the background loops (config poll, log flush)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from admin import channels as admin_channels
+from admin import keys as admin_keys
+from admin import tenants as admin_tenants
+from admin import usage as admin_usage
+from channels.litellm_base import warm_up
+from relay import __version__
+from relay.api import router as openai_router
+from relay.catalog import Catalog
+from relay.db import make_engine
+from relay.errors import install_handlers
+from relay.pipeline import Pipeline
+from relay.settings import Settings
+from relay.usage import UsageRecorder
+
+log = logging.getLogger("relay")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        catalog = Catalog(engine)
+        usage = UsageRecorder(engine)
+        try:
+            await asyncio.to_thread(catalog.reload)
+        except (OperationalError, ProgrammingError) as exc:
+            raise RuntimeError("The database has no policy-relay schema: run `policy-relay db upgrade` "
+                               f"(RELAY_DATABASE_URL={settings.database_url}).") from exc
+        await usage.flush()  # loads the current token totals
+        await warm_up()
+        app.state.engine, app.state.catalog, app.state.usage = engine, catalog, usage
+        app.state.pipeline = Pipeline(catalog, usage)
+        tasks = [asyncio.create_task(catalog.poll_forever(settings.config_poll_s)),
+                 asyncio.create_task(usage.flush_forever(settings.log_flush_s))]
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await usage.flush()
+            engine.dispose()
+
+    app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.ready = False
+    install_handlers(app)
+    app.include_router(openai_router)
+    for module in (admin_tenants, admin_keys, admin_channels, admin_usage):
+        app.include_router(module.router)
+    return app

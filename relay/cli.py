@@ -1,0 +1,139 @@
+"""`policy-relay` command line: serve, db upgrade, and shell helpers for tenants, keys and channels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from relay.settings import Settings
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from relay import db
+
+    db.upgrade(settings.database_url)  # idempotent: a fresh machine gets its schema here
+    uvicorn.run("relay.app:create_app", factory=True, host=args.host or settings.host,
+                port=args.port or settings.port, workers=args.workers, log_level=args.log_level,
+                access_log=args.access_log, loop="auto", http="auto")
+    return 0
+
+
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from relay import db
+
+    if args.db_command == "upgrade":
+        db.upgrade(settings.database_url, args.revision)
+    print(f"database at revision {db.current_revision(settings.database_url)}")
+    return 0
+
+
+def _tenant_create(args: argparse.Namespace, settings: Settings) -> int:
+    from relay.db import make_engine, session
+    from relay.models import Tenant
+
+    with session(make_engine(settings.database_url)) as s:
+        tenant = Tenant(name=args.name, token_quota=args.token_quota, rpm=args.rpm, tpm=args.tpm)
+        s.add(tenant)
+        s.commit()
+        print(json.dumps({"id": tenant.id, "name": tenant.name}))
+    return 0
+
+
+def _key_create(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlmodel import select
+
+    from admin.keys import create_key_row
+    from admin.schemas import KeyCreate
+    from relay.db import make_engine, session
+    from relay.models import Tenant
+
+    with session(make_engine(settings.database_url)) as s:
+        tenant = s.exec(select(Tenant).where(Tenant.name == args.tenant)).first()
+        if tenant is None and args.tenant.isdigit():
+            tenant = s.get(Tenant, int(args.tenant))
+        if tenant is None:
+            print(f"no tenant named {args.tenant!r}", file=sys.stderr)
+            return 1
+        models = args.models.split(",") if args.models else None
+        key, secret = create_key_row(s, KeyCreate(tenant_id=tenant.id, name=args.name, models=models))
+        s.add(key)
+        s.commit()
+        print(json.dumps({"id": key.id, "tenant_id": tenant.id, "key": secret}))
+    return 0
+
+
+def _channel_add(args: argparse.Namespace, settings: Settings) -> int:
+    from admin.schemas import ChannelCreate
+    from relay.db import make_engine, session
+    from relay.models import Channel
+
+    body = ChannelCreate(name=args.name, type=args.type, base_url=args.base_url, api_key=args.api_key,
+                         models=args.models.split(","), options=json.loads(args.options or "{}"),
+                         model_mapping=json.loads(args.model_mapping or "{}"))
+    with session(make_engine(settings.database_url)) as s:
+        channel = Channel(**body.model_dump(exclude_none=True))
+        s.add(channel)
+        s.commit()
+        print(json.dumps({"id": channel.id, "name": channel.name}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="policy-relay", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway (applies migrations first)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1, help="gateway processes (default 1)")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--access-log", action="store_true", help="log every request line")
+    serve.set_defaults(func=_serve)
+
+    dbp = sub.add_parser("db", help="database schema")
+    dbsub = dbp.add_subparsers(dest="db_command", required=True)
+    up = dbsub.add_parser("upgrade", help="create or upgrade the schema")
+    up.add_argument("revision", nargs="?", default="head")
+    dbsub.add_parser("current", help="print the schema revision")
+    dbp.set_defaults(func=_db)
+
+    tenant = sub.add_parser("tenant", help="tenants").add_subparsers(dest="tenant_command", required=True)
+    tc = tenant.add_parser("create")
+    tc.add_argument("name")
+    tc.add_argument("--token-quota", type=int)
+    tc.add_argument("--rpm", type=int)
+    tc.add_argument("--tpm", type=int)
+    tc.set_defaults(func=_tenant_create)
+
+    key = sub.add_parser("key", help="API keys").add_subparsers(dest="key_command", required=True)
+    kc = key.add_parser("create", help="create a key and print its secret once")
+    kc.add_argument("--tenant", required=True, help="tenant name or id")
+    kc.add_argument("--name", default="default")
+    kc.add_argument("--models", help="comma-separated allow-list (default: every model)")
+    kc.set_defaults(func=_key_create)
+
+    channel = sub.add_parser("channel", help="channels").add_subparsers(dest="channel_command", required=True)
+    ca = channel.add_parser("add")
+    ca.add_argument("--name", required=True)
+    ca.add_argument("--type", default="openai")
+    ca.add_argument("--base-url")
+    ca.add_argument("--api-key")
+    ca.add_argument("--models", required=True, help="comma-separated model names clients use")
+    ca.add_argument("--model-mapping", help='JSON, e.g. {"alias": "upstream-name"}')
+    ca.add_argument("--options", help="JSON of extra litellm options")
+    ca.set_defaults(func=_channel_add)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args, Settings.from_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Database tables (SQLModel). Alembic migrations in migrations/ must match these exactly;
+tests/test_migrations.py fails when they drift apart.
+
+Times are timezone-aware UTC (SQLModel's UTCDateTime), the same on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Integer, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Tenant(SQLModel, table=True):
+    __tablename__ = "tenants"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200, unique=True)
+    status: str = Field(default="active", max_length=20)  # active | disabled
+    token_quota: int | None = Field(default=None, sa_type=BigInteger)
+    used_tokens: int = Field(default=0, sa_type=BigInteger)
+    rpm: int | None = None
+    tpm: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    tenant_id: int = Field(foreign_key="tenants.id", index=True)
+    name: str = Field(max_length=200)
+    prefix: str = Field(max_length=32)  # shown in listings; the secret itself is never stored
+    key_hash: str = Field(max_length=64, unique=True)  # sha256 hex of the whole secret
+    models: list[str] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))  # None: every model
+    ip_allow: list[str] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))  # CIDRs; None: anywhere
+    expires_at: datetime | None = None
+    status: str = Field(default="active", max_length=20)  # active | revoked
+    token_quota: int | None = Field(default=None, sa_type=BigInteger)
+    used_tokens: int = Field(default=0, sa_type=BigInteger)
+    last_used_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Channel(SQLModel, table=True):
+    __tablename__ = "channels"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200, unique=True)
+    type: str = Field(max_length=50)  # a key of the channel registry: openai | litellm | local | plugin
+    base_url: str | None = Field(default=None, max_length=1000)
+    api_key: str | None = Field(default=None, sa_column=Column(Text))  # write-only in every API
+    models: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    model_mapping: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    priority: int = 0
+    weight: int = 1
+    status: str = Field(default="enabled", max_length=20)  # enabled | disabled | auto_disabled
+    timeout_s: float = 60.0
+    retries: int = 0
+    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    capabilities: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    last_test_at: datetime | None = None
+    last_test_ok: bool | None = None
+    last_test_latency_ms: float | None = None
+    last_test_error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ModelPolicy(SQLModel, table=True):
+    __tablename__ = "model_policies"
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_pattern: str = Field(max_length=200, index=True)  # glob on the requested model name
+    tenant_id: int | None = Field(default=None, foreign_key="tenants.id", index=True)
+    priority: int = 0
+    rules: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    enabled: bool = True
+    version: int = 1
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class RequestLog(SQLModel, table=True):
+    __tablename__ = "request_logs"
+
+    # No foreign keys: history outlives the tenants, keys and channels it mentions.
+    id: int | None = Field(default=None, primary_key=True,
+                           sa_type=BigInteger().with_variant(Integer, "sqlite"))  # SQLite autoincrements INTEGER only
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    tenant_id: int | None = Field(default=None, index=True)
+    key_id: int | None = None
+    endpoint: str = Field(max_length=50)
+    model: str = Field(max_length=200)
+    upstream_model: str | None = Field(default=None, max_length=200)
+    channel_id: int | None = None
+    stream: bool = False
+    status_code: int
+    error_type: str | None = Field(default=None, max_length=100)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    latency_ms: float = 0.0
+    cache: str = Field(default="bypass", max_length=10)  # hit | miss | bypass
+    policy: str | None = Field(default=None, max_length=50)  # "id@version"
+    rewrites: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+
+
+class AuditEvent(SQLModel, table=True):
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    actor: str = Field(max_length=100)
+    action: str = Field(max_length=50)  # create | update | delete | revoke | auto_disable
+    entity: str = Field(max_length=50)  # tenant | api_key | channel | policy
+    entity_id: int | None = None
+    before: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    after: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))

@@ -1,0 +1,99 @@
+"""Validation of OpenAI request bodies. Unknown fields pass through untouched (upstreams such as vLLM
+take top_k, repetition_penalty, ...); known fields must lie in OpenAI's documented ranges."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from relay.errors import RelayError, bad_request
+
+Temperature = Annotated[float, Field(ge=0, le=2)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Common):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1, le=20)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
+    """Parse and validate; returns the client's own dict (not a re-serialised model) so nothing the
+    client sent is renamed or re-typed on the way upstream."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_request("We could not parse the JSON body of your request. (HINT: This likely means "
+                          "you aren't using your HTTP library correctly.)") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    try:
+        schema.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    return body
+
+
+def _validation_error(exc: ValidationError) -> RelayError:
+    first = exc.errors(include_url=False)[0]
+    loc = first.get("loc", ())
+    # Unions put the member type into loc ("str", "list[str]"); a client names only its own fields.
+    path = [str(p) for p in loc if isinstance(p, int) or p.isidentifier() and p not in ("str", "list")]
+    param = ".".join(path) or None
+    if first.get("type") == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    value = first.get("input")
+    shown = orjson.dumps(value).decode()[:80] if not isinstance(value, dict | list) else type(value).__name__
+    return bad_request(f"Invalid value for '{param}': {first.get('msg', 'invalid')} (got {shown}).", param,
+                       "invalid_value")

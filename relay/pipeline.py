@@ -1,0 +1,206 @@
+"""The relay logic, one straight line: model access → policy → cache → routing → channel → log.
+The HTTP layer (relay.api) parses and authenticates; this module never reaches back into it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from channels.base import Channel, UpstreamError
+from relay.auth import Principal, check_model, check_quota
+from relay.catalog import Catalog
+from relay.errors import RelayError, not_found
+from relay.policy import PolicyOutcome, apply_policy
+from relay.routing import candidates
+from relay.usage import UsageRecorder
+
+log = logging.getLogger("relay.pipeline")
+
+EMPTY_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+@dataclass
+class RelayCall:
+    endpoint: str  # "chat" | "completions"
+    body: dict[str, Any]
+    principal: Principal
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class RelayResult:
+    headers: dict[str, str]
+    body: dict[str, Any] | None = None
+    stream: AsyncIterator[bytes] | None = None
+
+
+@dataclass
+class _Attempt:
+    """What the log row needs to know about a call, filled in as the call goes."""
+
+    call: RelayCall
+    outcome: PolicyOutcome
+    channel: Channel | None = None
+    upstream_model: str | None = None
+    upstream_ms: float = 0.0
+
+
+class Pipeline:
+    def __init__(self, catalog: Catalog, usage: UsageRecorder) -> None:
+        self.catalog = catalog
+        self.usage = usage
+
+    async def run(self, call: RelayCall) -> RelayResult:
+        model = call.body["model"]
+        check_model(call.principal, model)
+        check_quota(call.principal, self.usage)
+        outcome = apply_policy(call.endpoint, call.body, call.principal.tenant.id)
+        attempt = _Attempt(call, outcome)
+        channels = self.catalog.snapshot.channels_by_model.get(model)
+        if not channels:
+            error = not_found(f"The model `{model}` does not exist or you do not have access to it.",
+                              "model", "model_not_found")
+            self._log(attempt, error.status, error_type=error.code)
+            raise error
+        try:
+            if outcome.request.get("stream"):
+                return await self._stream(attempt, candidates(channels))
+            return await self._complete(attempt, candidates(channels))
+        except RelayError as exc:
+            self._log(attempt, exc.status, error_type=exc.code or exc.type)
+            raise
+
+    def _headers(self, attempt: _Attempt) -> dict[str, str]:
+        headers = {"X-Relay-Policy": attempt.outcome.ref or "none",
+                   "X-Relay-Rewrites": attempt.outcome.rewrites_header(),
+                   "X-Relay-Cache": "bypass"}
+        if attempt.channel is not None:
+            headers["X-Relay-Channel"] = attempt.channel.config.name
+        return headers
+
+    def _upstream_request(self, attempt: _Attempt, channel: Channel) -> dict[str, Any]:
+        request = dict(attempt.outcome.request)
+        request["model"] = attempt.upstream_model = channel.config.upstream_model(request["model"])
+        if request.get("stream") and channel.config.capabilities.get("stream_usage", True):
+            # Always ask for usage so the log and quota are exact; the client sees it only if it asked.
+            request["stream_options"] = {**(request.get("stream_options") or {}), "include_usage": True}
+        return request
+
+    async def _complete(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
+        last: UpstreamError | None = None
+        for channel in channels:
+            attempt.channel = channel
+            request = self._upstream_request(attempt, channel)
+            t0 = time.perf_counter()
+            try:
+                if attempt.call.endpoint == "chat":
+                    response = await channel.chat(request)
+                else:
+                    response = await channel.completion(request)
+            except UpstreamError as exc:
+                attempt.upstream_ms += (time.perf_counter() - t0) * 1000
+                last = exc
+                if exc.retryable:
+                    log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
+                    continue
+                break
+            attempt.upstream_ms += (time.perf_counter() - t0) * 1000
+            response["model"] = attempt.call.body["model"]
+            usage = response.setdefault("usage", dict(EMPTY_USAGE))
+            headers = self._headers(attempt)
+            total_ms = self._log(attempt, 200, usage=usage)
+            headers["Server-Timing"] = (f"upstream;dur={attempt.upstream_ms:.3f}, "
+                                        f"relay;dur={total_ms - attempt.upstream_ms:.3f}")
+            return RelayResult(headers=headers, body=response)
+        assert last is not None
+        raise _client_error(last)
+
+    async def _stream(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
+        last: UpstreamError | None = None
+        for channel in channels:
+            attempt.channel = channel
+            request = self._upstream_request(attempt, channel)
+            chunks = (channel.chat_stream if attempt.call.endpoint == "chat" else channel.completion_stream)(
+                request)
+            try:
+                # Nothing has reached the client yet, so a failure here can still be a clean HTTP error
+                # (or, with failover, the next channel).
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                first = None
+            except UpstreamError as exc:
+                last = exc
+                if exc.retryable:
+                    log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
+                    continue
+                break
+            return RelayResult(headers=self._headers(attempt), stream=self._sse(attempt, first, chunks))
+        assert last is not None
+        raise _client_error(last)
+
+    async def _sse(self, attempt: _Attempt, first: dict[str, Any] | None,
+                   chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+        body = attempt.call.body
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        model = body["model"]
+        usage: dict[str, Any] | None = None
+        status, error_type = 200, None
+        try:
+            chunk = first
+            while chunk is not None:
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                    if not chunk.get("choices") and not wants_usage:
+                        chunk = await anext(chunks, None)
+                        continue
+                    if not wants_usage:
+                        chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                chunk["model"] = model
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                chunk = await anext(chunks, None)
+            yield b"data: [DONE]\n\n"
+        except UpstreamError as exc:
+            status, error_type = exc.status, exc.kind
+            yield b"data: " + orjson.dumps(_client_error(exc).body()) + b"\n\n"
+        except Exception:
+            log.exception("stream from channel %s broke", attempt.channel.config.name)
+            status, error_type = 502, "stream_error"
+            yield b"data: " + orjson.dumps(_client_error(UpstreamError(
+                502, "The upstream stream broke off.", retryable=True)).body()) + b"\n\n"
+        except BaseException:
+            status, error_type = 499, "client_disconnected"  # cancelled: the client went away
+            raise
+        finally:
+            await chunks.aclose()
+            self._log(attempt, status, usage=usage, error_type=error_type)
+
+    def _log(self, attempt: _Attempt, status: int, *, usage: dict[str, Any] | None = None,
+             error_type: str | None = None) -> float:
+        call = attempt.call
+        latency_ms = (time.perf_counter() - call.started) * 1000
+        usage = usage or EMPTY_USAGE
+        self.usage.record({
+            "tenant_id": call.principal.tenant.id, "key_id": call.principal.key.id,
+            "endpoint": call.endpoint, "model": call.body["model"], "upstream_model": attempt.upstream_model,
+            "channel_id": attempt.channel.config.id if attempt.channel else None,
+            "stream": bool(call.body.get("stream")), "status_code": status, "error_type": error_type,
+            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+            "completion_tokens": int(usage.get("completion_tokens") or 0),
+            "total_tokens": int(usage.get("total_tokens") or 0),
+            "latency_ms": round(latency_ms, 3), "cache": "bypass", "policy": attempt.outcome.ref,
+            "rewrites": attempt.outcome.rewrites or None,
+        })
+        return latency_ms
+
+
+def _client_error(exc: UpstreamError) -> RelayError:
+    if exc.status == 400:
+        return RelayError(400, exc.message, "invalid_request_error", None, "upstream_rejected")
+    if exc.status == 429:
+        return RelayError(429, exc.message, "rate_limit_error", None, exc.kind)
+    return RelayError(exc.status, exc.message, "upstream_error", None, exc.kind)

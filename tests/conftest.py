@@ -1,0 +1,154 @@
+"""Shared fixtures: a fake OpenAI-compatible upstream in a thread, fresh databases (SQLite files and
+PostgreSQL databases created per run), and the relay itself as a real `policy-relay serve` process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psycopg
+import pytest
+
+from tests.fake_upstream import FakeUpstream, ServerThread
+
+ADMIN_TOKEN = "test-admin-token"
+PG_ADMIN_URL = os.environ.get("RELAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A brand-new PostgreSQL database for one fixture, dropped afterwards."""
+    name = f"relay_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def database(kind: str, tmp_dir: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_dir / f'relay-{uuid.uuid4().hex[:8]}.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[tuple[FakeUpstream, str]]:
+    fake = FakeUpstream(api_key="upstream-secret")
+    with ServerThread(fake) as server:
+        yield fake, server.url
+
+
+@dataclass
+class Relay:
+    url: str
+    database_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def admin(self, method: str, path: str, json: Any = None, token: str | None = ADMIN_TOKEN,
+              **kw: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.request(method, self.url + path, json=json, headers=headers, timeout=30, **kw)
+
+    def ok(self, method: str, path: str, json: Any = None) -> Any:
+        response = self.admin(method, path, json)
+        assert response.status_code < 300, (response.status_code, response.text)
+        return response.json() if response.content else None
+
+    def new_key(self, tenant: dict[str, Any] | None = None, **key_fields: Any) -> dict[str, Any]:
+        """A fresh tenant (unique name) and a key for it; returns the key answer with the secret."""
+        tenant_row = self.ok("POST", "/admin/tenants", {"name": f"t-{uuid.uuid4().hex[:10]}", **(tenant or {})})
+        return self.ok("POST", "/admin/keys", {"tenant_id": tenant_row["id"], "name": "k", **key_fields})
+
+    def client(self, key: str, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(api_key=key, base_url=self.url + "/v1", max_retries=0, timeout=30, **kw)
+
+    def logs(self, tenant_id: int, want: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
+        """Request-log rows of a tenant, once at least `want` of them have been flushed."""
+        deadline = time.time() + timeout
+        while True:
+            rows = self.ok("GET", f"/admin/logs?tenant_id={tenant_id}")["data"]
+            if len(rows) >= want or time.time() > deadline:
+                return rows
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def run_relay(database_url: str, tmp_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Relay]:
+    port = free_port()
+    log_path = tmp_dir / f"relay-{port}.log"
+    full_env = {**os.environ, "RELAY_DATABASE_URL": database_url, "RELAY_REDIS_URL": "none",
+                "RELAY_ADMIN_TOKEN": ADMIN_TOKEN, "RELAY_PORT": str(port), "RELAY_LOG_FLUSH_S": "0.2",
+                "RELAY_CONFIG_POLL_S": "0.5", **(env or {})}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--log-level", "warning", *args],
+                                   env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    relay = Relay(f"http://127.0.0.1:{port}", database_url, process, log_path)
+    try:
+        deadline = time.time() + 90
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"relay exited early:\n{log_path.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(relay.url + "/health", timeout=1).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError(f"relay did not become healthy:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield relay
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def add_fake_channel(relay: Relay, upstream_url: str, name: str, models: list[str], **fields: Any) -> dict:
+    return relay.ok("POST", "/admin/channels", {"name": name, "type": "openai", "base_url": upstream_url,
+                                                "api_key": "upstream-secret", "models": models, **fields})
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def relay(request, upstream, tmp_path_factory) -> Iterator[Relay]:
+    """One relay per database kind for the whole session, with a channel `fake` to the fake upstream
+    serving `gpt-x` (mapped to upstream name `up-x`) and `plain-model` (unmapped)."""
+    tmp_dir = tmp_path_factory.mktemp(f"relay-{request.param}")
+    with database(request.param, tmp_dir) as url, run_relay(url, tmp_dir) as relay:
+        add_fake_channel(relay, upstream[1], "fake", ["gpt-x", "plain-model"],
+                         model_mapping={"gpt-x": "up-x"})
+        yield relay
+
+
+@pytest.fixture
+def calls(upstream) -> list[dict[str, Any]]:
+    """The bodies the fake upstream receives during this test."""
+    fake, _ = upstream
+    fake.calls.clear()
+    return fake.calls

@@ -1,0 +1,154 @@
+"""A real HTTP server that speaks OpenAI's chat/completions protocol, for tests and benchmarks.
+
+It stands in for a remote provider (the one thing we do not control). It records every body it
+receives, so tests can assert what reached the upstream. Behaviour is chosen by the upstream model
+name: `fail-<status>` answers that HTTP status, anything else answers "Hello from <model>".
+
+Run alone: python -m tests.fake_upstream --port 9101 [--delay-ms 50]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+
+class FakeUpstream:
+    def __init__(self, delay_s: float = 0.0, api_key: str | None = None, record: bool = True) -> None:
+        self.delay_s = delay_s
+        self.record = record
+        self.api_key = api_key
+        self.calls: list[dict[str, Any]] = []  # {"path", "body", "authorization"}
+
+    def reply_text(self, model: str) -> str:
+        return f"Hello from {model}"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        path = scope["path"]
+        if path.endswith("/models"):
+            return await _json(send, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+        body = json.loads(raw or b"{}")
+        if self.record:
+            self.calls.append({"path": path, "body": body,
+                               "authorization": headers.get("authorization")})
+        if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
+            return await _json(send, 401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
+        model = body.get("model", "")
+        if model.startswith("fail-"):
+            status = int(model.split("-")[1])
+            return await _json(send, status, {"error": {"message": f"failing with {status}",
+                                                        "type": "server_error", "code": None}})
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        chat = path.endswith("/chat/completions")
+        text = self.reply_text(model)
+        words = [w + " " for w in text.split(" ")]
+        words[-1] = words[-1].rstrip()
+        usage = {"prompt_tokens": _count_prompt(body), "completion_tokens": len(words)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        base = {"id": "cmpl-fake", "created": int(time.time()), "model": model}
+        if body.get("stream"):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            pieces = [{"delta": {"role": "assistant", "content": w} if chat else None, "text": w}
+                      for w in words]
+            for piece in pieces:
+                choice = {"index": 0, "finish_reason": None}
+                choice.update({"delta": piece["delta"]} if chat else {"text": piece["text"]})
+                await _event(send, {**base, "object": _obj(chat, True), "choices": [choice]})
+            end = {"index": 0, "finish_reason": "stop", **({"delta": {}} if chat else {"text": ""})}
+            await _event(send, {**base, "object": _obj(chat, True), "choices": [end]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await _event(send, {**base, "object": _obj(chat, True), "choices": [], "usage": usage})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            return
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+        await _json(send, 200, {**base, "object": _obj(chat, False), "choices": [choice], "usage": usage})
+
+
+def _obj(chat: bool, stream: bool) -> str:
+    if chat:
+        return "chat.completion.chunk" if stream else "chat.completion"
+    return "text_completion"
+
+
+def _count_prompt(body: dict[str, Any]) -> int:
+    if "messages" in body:
+        return sum(len(str(m.get("content", "")).split()) for m in body["messages"]) + 3
+    return len(str(body.get("prompt", "")).split())
+
+
+async def _json(send, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _event(send, payload: dict[str, Any]) -> None:
+    await send({"type": "http.response.body", "body": b"data: " + json.dumps(payload).encode() + b"\n\n",
+                "more_body": True})
+
+
+class ServerThread:
+    """uvicorn on 127.0.0.1 in a background thread; port 0 picks a free port."""
+
+    def __init__(self, app, port: int = 0) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=9101)
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    uvicorn.run(FakeUpstream(delay_s=args.delay_ms / 1000, record=False), host="127.0.0.1", port=args.port,
+                log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

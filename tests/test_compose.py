@@ -1,0 +1,101 @@
+"""compose.yaml and the Dockerfile: schema-valid, and wired the way the gateway expects.
+
+No Docker engine is needed: the file is checked against the Compose Specification's JSON schema vendored
+inside check-jsonschema, and the structure the schema cannot express is checked with PyYAML.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def _check_jsonschema() -> list[str]:
+    """The check-jsonschema of the interpreter running the tests, not whatever is first on PATH."""
+    exe = Path(sys.executable).parent / "check-jsonschema"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
+    if found:  # e.g. check-jsonschema.exe on Windows
+        return [found]
+    return [sys.executable, "-m", "check_jsonschema"]
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _load_compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_matches_compose_spec_schema() -> None:
+    result = _validate(COMPOSE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"services": {"gateway": {"image": "x", "healthcheck": {"test": 5}}}},
+        {"services": {"gateway": {"image": "x"}}, "not_a_compose_key": {}},
+    ],
+    ids=["healthcheck-test-not-string-or-list", "unknown-top-level-key"],
+)
+def test_schema_check_rejects_broken_compose(tmp_path: Path, broken: dict) -> None:
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    result = _validate(path)
+    assert result.returncode != 0, f"check-jsonschema accepted a broken file:\n{result.stdout}{result.stderr}"
+    # Rejected by the schema, not by a crash or a missing schema.
+    assert "Schema validation errors" in result.stdout, result.stdout + result.stderr
+
+
+def test_compose_structure() -> None:
+    services = _load_compose()["services"]
+    assert {"gateway", "redis", "postgres"} <= set(services)
+
+    for name in ("gateway", "redis", "postgres"):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+    gateway = services["gateway"]
+    depends_on = gateway["depends_on"]
+    assert isinstance(depends_on, dict), "depends_on must be the long form to carry a condition"
+    for dep in ("postgres", "redis"):
+        assert depends_on[dep]["condition"] == "service_healthy"
+
+    env = gateway["environment"]
+    if isinstance(env, list):  # the KEY=VALUE list form is equally valid
+        env = dict(item.split("=", 1) for item in env)
+    assert env["RELAY_DATABASE_URL"].startswith(("postgresql://", "postgres://"))
+    assert "@postgres:" in env["RELAY_DATABASE_URL"]
+    assert env["RELAY_REDIS_URL"].startswith("redis://redis:")
+    assert "RELAY_ADMIN_TOKEN" in env["RELAY_ADMIN_TOKEN"]  # taken from the operator's environment, not baked in
+
+    # The slim image has no curl, so the gateway's healthcheck must not rely on it.
+    test = gateway["healthcheck"]["test"]
+    test_text = test if isinstance(test, str) else " ".join(test)
+    assert "curl" not in test_text and "/health" in test_text
+
+
+def test_dockerfile_runs_policy_relay_serve() -> None:
+    cmds = [line for line in DOCKERFILE.read_text().splitlines() if line.strip().upper().startswith("CMD ")]
+    assert len(cmds) == 1, cmds
+    argv = json.loads(cmds[0].strip()[len("CMD ") :])  # exec form, so signals reach the server directly
+    assert argv[:2] == ["policy-relay", "serve"]
+    assert "0.0.0.0" in argv

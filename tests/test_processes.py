@@ -1,0 +1,56 @@
+"""Several gateway processes on one database (`serve --workers N`), and the operator's shell commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+from tests.conftest import ROOT, add_fake_channel, postgres_database, run_relay
+
+
+def test_workers_share_configuration_edits(tmp_path, upstream):
+    """An edit made through one process reaches the others within the poll interval."""
+    with postgres_database() as url, run_relay(url, tmp_path, "--workers", "2") as relay:
+        add_fake_channel(relay, upstream[1], "fake", ["shared-model"])
+        key = relay.new_key()
+        ask = {"model": "shared-model", "messages": [{"role": "user", "content": "hi"}]}
+        time.sleep(1.5)  # RELAY_CONFIG_POLL_S=0.5 in tests
+        # New connections are spread over both worker processes; every one must know the key.
+        for _ in range(20):
+            fresh = relay.client(key["key"])
+            assert fresh.chat.completions.create(**ask).choices[0].message.content == "Hello from shared-model"
+            fresh.close()
+        relay.ok("DELETE", f"/admin/keys/{key['id']}")
+        time.sleep(1.5)
+        for _ in range(10):
+            with pytest.raises(openai.AuthenticationError):
+                relay.client(key["key"]).chat.completions.create(**ask)
+
+
+def _cli(url: str, *args: str) -> dict:
+    env = {**os.environ, "RELAY_DATABASE_URL": url}
+    result = subprocess.run([sys.executable, "-m", "relay.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_shell_commands_set_up_a_working_key(tmp_path, upstream):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    subprocess.run([sys.executable, "-m", "relay.cli", "db", "upgrade"], cwd=ROOT, check=True, timeout=120,
+                   env={**os.environ, "RELAY_DATABASE_URL": url}, capture_output=True)
+    tenant = _cli(url, "tenant", "create", "shell-tenant")
+    _cli(url, "channel", "add", "--name", "fake", "--base-url", upstream[1], "--api-key", "upstream-secret",
+         "--models", "shell-model,other", "--model-mapping", '{"shell-model": "mapped"}')
+    key = _cli(url, "key", "create", "--tenant", "shell-tenant", "--models", "shell-model")
+    assert key["tenant_id"] == tenant["id"] and key["key"].startswith("sk-")
+    with run_relay(url, tmp_path) as relay:
+        answer = relay.client(key["key"]).chat.completions.create(
+            model="shell-model", messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content == "Hello from mapped"

@@ -1,0 +1,48 @@
+"""What a client sees when the upstream fails: transient trouble is a 5xx (ONE API retries elsewhere),
+client errors stay 4xx, and no message carries the words that make ONE API disable this relay."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import add_fake_channel
+
+ONE_API_DISABLE_WORDS = ("credit", "balance", "permission denied", "insufficient_quota",
+                         "authentication_error", "permission_error")
+
+
+@pytest.fixture(scope="module")
+def failing_models(relay, upstream):
+    """Models whose upstream answers with the given status."""
+    statuses = [400, 401, 404, 429, 500, 503]
+    name = f"failing-{relay.url.rsplit(':', 1)[1]}"
+    add_fake_channel(relay, upstream[1], name, [f"m{s}" for s in statuses],
+                     model_mapping={f"m{s}": f"fail-{s}" for s in statuses})
+    return statuses
+
+
+@pytest.mark.parametrize(("upstream_status", "client_status"), [
+    (400, 400), (401, 502), (404, 502), (429, 429), (500, 502), (503, 502)])
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_status_mapping(relay, failing_models, upstream_status, client_status, stream):
+    key = relay.new_key()["key"]
+    response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                          json={"model": f"m{upstream_status}", "stream": stream,
+                                "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == client_status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    text = response.text.lower()
+    assert not any(word in text for word in ONE_API_DISABLE_WORDS), text
+
+
+def test_unreachable_upstream_is_502(relay):
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    add_fake_channel(relay, dead, f"dead-{relay.url.rsplit(':', 1)[1]}", ["dead-model"], timeout_s=5)
+    key = relay.new_key()["key"]
+    response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "dead-model", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 502 and response.json()["error"]["code"] == "connect_error"
