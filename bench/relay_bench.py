@@ -11,12 +11,15 @@ Run from the repository root with the project's venv:
 
 The LiteLLM proxy needs `litellm[proxy]`, whose extras would move packages pinned by this project,
 so it lives in its own venv:
-    python3 -m venv /work/bench-venv
-    /work/bench-venv/bin/pip install 'litellm[proxy]==1.106.2'
-    LITELLM_PROXY_BIN=/work/bench-venv python bench/relay_bench.py
-The proxy is found via --litellm-proxy-cmd (a full command, e.g. "/work/bench-venv/bin/litellm"),
+    python3 -m venv .venv-proxy
+    .venv-proxy/bin/pip install 'litellm[proxy]==1.106.2'
+    LITELLM_PROXY_BIN=.venv-proxy python bench/relay_bench.py
+The proxy is found via --litellm-proxy-cmd (a full command, e.g. ".venv-proxy/bin/litellm"),
 else $LITELLM_PROXY_BIN (the `litellm` executable or a venv directory), else `litellm` on PATH.
 If it cannot be found or started, (a) and (b) still run and the report says why (c) was skipped.
+The proxy is given a generated master key (1.106.2 refuses to start without one), no database, telemetry
+off, LITELLM_LOCAL_MODEL_COST_MAP=True and LITELLM_LOG=WARNING (no access log, like the relay's
+--log-level warning); it runs under uvicorn with uvloop and --num_workers 1.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -43,6 +47,9 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench-model"
+# Set by SIGINT/SIGTERM and checked before every request: raising from the signal handler itself could land
+# inside a uvloop or aiohttp callback that turns it into a mere connection error.
+STOP = threading.Event()
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}).encode()
 
 
@@ -59,6 +66,8 @@ class Result:
     lat_ms: list[float] = field(default_factory=list)
     relay_ms: list[float] = field(default_factory=list)  # Server-Timing relay;dur, if the target sends it
     upstream_ms: list[float] = field(default_factory=list)
+    # client latency minus upstream;dur: everything but litellm's call, HTTP server and client included
+    outside_ms: list[float] = field(default_factory=list)
     errors: int = 0
     skipped: str | None = None
 
@@ -83,10 +92,10 @@ class Servers:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
         full_env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1", **(env or {})}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(self.tmp / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -96,9 +105,12 @@ class Servers:
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        os.killpg(proc.pid, signal.SIGTERM)  # the group this process leads (start_new_session)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the group this process leads (start_new_session)
+        except ProcessLookupError:
+            return
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -110,9 +122,15 @@ class Servers:
             self.stop(name)
 
 
+def checkpoint() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt
+
+
 async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        checkpoint()
         if proc.poll() is not None:
             raise RuntimeError(f"exited with status {proc.returncode}")
         try:
@@ -125,47 +143,50 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.
     raise RuntimeError(f"not ready after {timeout_s:.0f}s")
 
 
-async def one(session: aiohttp.ClientSession, target: Target, res: Result, timed: bool) -> None:
+async def one(session: aiohttp.ClientSession, target: Target, res: Result, timed: bool) -> bool:
+    """One request; a non-200 answer or a transport failure counts as an error."""
+    checkpoint()
     t0 = time.perf_counter()
-    async with session.post(target.url, data=BODY, headers=target.headers) as r:
-        await r.read()
-        status, timing = r.status, r.headers.get("Server-Timing")
+    try:
+        async with session.post(target.url, data=BODY, headers=target.headers) as r:
+            await r.read()
+            status, timing = r.status, r.headers.get("Server-Timing", "")
+    except (aiohttp.ClientError, TimeoutError):
+        status, timing = 0, ""
     if status != 200:
         res.errors += 1
-        return
+        return False
     if timed:
         res.lat_ms.append((time.perf_counter() - t0) * 1000)
-        for part in (timing or "").split(","):
+        for part in timing.split(","):
             name, _, dur = part.strip().partition(";dur=")
             if name in ("relay", "upstream") and dur:
                 (res.relay_ms if name == "relay" else res.upstream_ms).append(float(dur))
+                if name == "upstream":
+                    res.outside_ms.append(res.lat_ms[-1] - float(dur))
+    return True
 
 
 async def run_for(session: aiohttp.ClientSession, target: Target, res: Result, conc: int, seconds: float) -> int:
     """`conc` loops sending back to back until the deadline; returns the number of successful requests."""
     deadline = time.perf_counter() + seconds
-    done = 0
 
-    async def loop() -> None:
-        nonlocal done
+    async def loop() -> int:
+        ok = 0
         while time.perf_counter() < deadline:
-            before = res.errors
-            await one(session, target, res, timed=False)
-            done += res.errors == before
+            ok += await one(session, target, res, timed=False)
+        return ok
 
-    await asyncio.gather(*(loop() for _ in range(conc)))
-    return done
+    return sum(await asyncio.gather(*(loop() for _ in range(conc))))
 
 
 async def measure(target: Target, args: argparse.Namespace) -> Result:
+    """Warm-up, then latency at c=1, then throughput at c=--concurrency, over one keep-alive pool."""
     res = Result()
-    connector = aiohttp.TCPConnector(limit=args.concurrency, ttl_dns_cache=None)
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await run_for(session, target, res, args.concurrency, args.warmup)  # warm-up: connections, caches, JIT-ish
-        for _ in range(20):
-            await one(session, target, res, timed=False)
-        res.errors = 0
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        await run_for(session, target, res, args.concurrency, args.warmup)
+        res.errors = 0  # errors while warming up are not counted
         for _ in range(args.requests):
             await one(session, target, res, timed=True)
         t0 = time.perf_counter()
@@ -210,44 +231,46 @@ def proxy_command(args: argparse.Namespace) -> list[str] | None:
 
 
 async def bench(args: argparse.Namespace, servers: Servers) -> dict[str, Result]:
-    results: dict[str, Result] = {}
-    up_port = free_port()
-    upstream = f"http://127.0.0.1:{up_port}"
+    """(a), (b), (c) in turn against one fake upstream; only the target under test runs beside it."""
+    port = free_port()
+    upstream = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        proc = servers.start("upstream", [sys.executable, "-m", "tests.fake_upstream", "--port", str(up_port),
+        proc = servers.start("upstream", [sys.executable, "-m", "tests.fake_upstream", "--port", str(port),
                                           "--delay-ms", str(args.upstream_delay_ms)])
         await wait_ready(s, upstream + "/v1/models", proc, 30)
         direct = Target("upstream direct", upstream + "/v1/chat/completions")
         await check(s, direct)
-        print("measuring upstream direct ...", file=sys.stderr)
-        results[direct.name] = await measure(direct, args)
-
-        port, token = free_port(), secrets.token_hex(16)
-        env = {"RELAY_DATABASE_URL": f"sqlite:///{servers.tmp / 'bench.db'}", "RELAY_REDIS_URL": "none",
-               "RELAY_ADMIN_TOKEN": token, "RELAY_PORT": str(port)}
-        base = f"http://127.0.0.1:{port}"
-        proc = servers.start("relay", [sys.executable, "-m", "relay.cli", "serve", "--workers", "1",
-                                       "--log-level", "warning"], env)
-        try:
-            await wait_ready(s, base + "/health", proc, 60)
-        except RuntimeError as exc:
-            raise RuntimeError(f"policy-relay {exc}:\n{servers.log_tail('relay')}") from exc
-        key = await setup_relay(s, base, token, upstream)
-        relay = Target("policy-relay", base + "/v1/chat/completions", {"Authorization": f"Bearer {key}"})
-        await check(s, relay)
-        print("measuring policy-relay ...", file=sys.stderr)
-        results[relay.name] = await measure(relay, args)
-        servers.stop("relay")
-
-        name = "litellm proxy"
+        print("measuring upstream direct ...", file=sys.stderr, flush=True)
+        results = {direct.name: await measure(direct, args),
+                   "policy-relay": await bench_relay(args, servers, s, upstream)}
         cmd = None if args.skip_litellm_proxy else proxy_command(args)
         if args.skip_litellm_proxy:
-            results[name] = Result(skipped="--skip-litellm-proxy given")
+            results["litellm proxy"] = Result(skipped="--skip-litellm-proxy given")
         elif cmd is None:
-            results[name] = Result(skipped="no `litellm` found (see --litellm-proxy-cmd / LITELLM_PROXY_BIN)")
+            results["litellm proxy"] = Result(skipped="no `litellm` found (--litellm-proxy-cmd, LITELLM_PROXY_BIN)")
         else:
-            results[name] = await bench_proxy(args, servers, s, cmd, upstream)
+            results["litellm proxy"] = await bench_proxy(args, servers, s, cmd, upstream)
     return results
+
+
+async def bench_relay(args: argparse.Namespace, servers: Servers, s: aiohttp.ClientSession, upstream: str) -> Result:
+    port, token = free_port(), secrets.token_hex(16)
+    env = {"RELAY_DATABASE_URL": f"sqlite:///{servers.tmp / 'bench.db'}", "RELAY_REDIS_URL": "none",
+           "RELAY_ADMIN_TOKEN": token, "RELAY_PORT": str(port)}
+    base = f"http://127.0.0.1:{port}"
+    proc = servers.start("relay", [sys.executable, "-m", "relay.cli", "serve", "--workers", "1",
+                                   "--log-level", "warning"], env)
+    try:
+        await wait_ready(s, base + "/health", proc, 60)
+    except RuntimeError as exc:
+        raise RuntimeError(f"policy-relay {exc}:\n{servers.log_tail('relay')}") from exc
+    key = await setup_relay(s, base, token, upstream)
+    relay = Target("policy-relay", base + "/v1/chat/completions", {"Authorization": f"Bearer {key}"})
+    await check(s, relay)
+    print("measuring policy-relay ...", file=sys.stderr, flush=True)
+    result = await measure(relay, args)
+    servers.stop("relay")
+    return result
 
 
 async def bench_proxy(args: argparse.Namespace, servers: Servers, s: aiohttp.ClientSession, cmd: list[str],
@@ -273,7 +296,7 @@ async def bench_proxy(args: argparse.Namespace, servers: Servers, s: aiohttp.Cli
     except (RuntimeError, aiohttp.ClientError) as exc:
         servers.stop("litellm")
         return Result(skipped=f"{shlex.join(cmd)} did not start: {exc}\n{servers.log_tail('litellm')}")
-    print("measuring litellm proxy ...", file=sys.stderr)
+    print("measuring litellm proxy ...", file=sys.stderr, flush=True)
     result = await measure(proxy, args)
     servers.stop("litellm")
     return result
@@ -297,21 +320,32 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
         print(f"  relay;dur     p50 {pct(relay.relay_ms, 50):7.3f}   p99 {pct(relay.relay_ms, 99):7.3f}"
               f"   ({len(relay.relay_ms)} responses)")
         print(f"  upstream;dur  p50 {pct(relay.upstream_ms, 50):7.3f}   p99 {pct(relay.upstream_ms, 99):7.3f}")
+        own = [o - pct(direct.lat_ms, 50) for o in relay.outside_ms]
+        print(f"  relay's own work incl. its HTTP server (latency - upstream;dur - direct p50): "
+              f"p50 {pct(own, 50):.3f}   p99 {pct(own, 99):.3f}   (target p50 < 1.5)")
     else:
         print("  no Server-Timing header with relay;dur in the responses")
 
     d50 = pct(direct.lat_ms, 50)
     print("\nratios (same run):")
-    print(f"  policy-relay / upstream direct req/s: {relay.rps / direct.rps:.2f}x")
-    print(f"  p50 added over upstream direct: policy-relay +{pct(relay.lat_ms, 50) - d50:.2f} ms", end="")
     if proxy.skipped:
-        print(f"\n  litellm proxy skipped: {proxy.skipped}")
-        return
-    print(f", litellm proxy +{pct(proxy.lat_ms, 50) - d50:.2f} ms")
-    ratio = relay.rps / proxy.rps if proxy.rps else float("inf")
-    print(f"  litellm proxy / upstream direct req/s: {proxy.rps / direct.rps:.2f}x")
-    verdict = "met" if ratio >= 2.5 else "NOT met"
-    print(f"  policy-relay / litellm proxy req/s: {ratio:.2f}x  (target >= 2.5x: {verdict})")
+        print(f"  litellm proxy skipped: {proxy.skipped}")
+    else:
+        ratio = relay.rps / proxy.rps if proxy.rps else float("inf")
+        verdict = "met" if ratio >= 2.5 else "NOT met"
+        print(f"  policy-relay / litellm proxy req/s:    {ratio:.2f}x  (target >= 2.5x: {verdict})")
+        print(f"  litellm proxy / upstream direct req/s: {proxy.rps / direct.rps:.3f}x")
+    print(f"  policy-relay / upstream direct req/s:  {relay.rps / direct.rps:.3f}x")
+    added = [f"policy-relay +{pct(relay.lat_ms, 50) - d50:.2f} ms"]
+    if not proxy.skipped:
+        added.append(f"litellm proxy +{pct(proxy.lat_ms, 50) - d50:.2f} ms")
+    print("  p50 latency added over upstream direct: " + ", ".join(added))
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    STOP.set()
 
 
 def run(coro: Coroutine[None, None, dict[str, Result]]) -> dict[str, Result]:
@@ -333,7 +367,8 @@ def main() -> int:
     parser.add_argument("--litellm-proxy-cmd", help='command that runs the proxy, e.g. "/venv/bin/litellm"')
     args = parser.parse_args()
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops the servers
+    signal.signal(signal.SIGTERM, _on_signal)  # either way the finally below stops the servers
+    signal.signal(signal.SIGINT, _on_signal)
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         servers = Servers(Path(tmp))
         try:
@@ -341,6 +376,9 @@ def main() -> int:
         except RuntimeError as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
         finally:
             servers.stop_all()
     report(results, args)

@@ -16,16 +16,27 @@ def api_base(base_url: str) -> str:
 
 
 class OpenAIChannel(LiteLLMChannel):
+    """By default litellm's `hosted_vllm` route: its own aiohttp client speaking OpenAI's wire format,
+    half the CPU of its `openai` route (which goes through the OpenAI SDK). That route drops `strict`
+    and `additionalProperties` from tool schemas; `options.litellm_provider: "openai"` picks the SDK
+    route for upstreams that honour strict tools (api.openai.com)."""
+
     type_name = "openai"
 
+    @property
+    def provider(self) -> str:
+        return self.config.options.get("litellm_provider", "hosted_vllm")
+
     def litellm_model(self, upstream_model: str) -> str:
-        return f"openai/{upstream_model}"
+        return f"{self.provider}/{upstream_model}"
 
     def text_model(self, upstream_model: str) -> str:
-        return f"text-completion-openai/{upstream_model}"
+        if self.provider == "openai":
+            return f"text-completion-openai/{upstream_model}"
+        return self.litellm_model(upstream_model)
 
     def connection_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.config.options)
+        kwargs = {k: v for k, v in self.config.options.items() if k != "litellm_provider"}
         kwargs["api_base"] = api_base(self.config.base_url or "https://api.openai.com")
         # The openai SDK refuses to start without a key; OpenAI-compatible servers often need none.
         kwargs["api_key"] = self.config.api_key or "none"

@@ -135,3 +135,31 @@ def test_token_quota_is_enforced(relay):
         except openai.RateLimitError:
             assert time.time() < deadline
             time.sleep(0.1)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("provider", ["hosted_vllm", "openai"])
+def test_tools_and_sampling_fields_reach_the_upstream(relay, upstream, calls, provider):
+    """Both litellm routes of the `openai` channel type carry tools, response_format and sampling fields."""
+    from tests.conftest import add_fake_channel
+
+    model = f"tools-{provider}"
+    if not any(c["name"] == model for c in relay.ok("GET", "/admin/channels")):
+        add_fake_channel(relay, upstream[1], model, [model], options={"litellm_provider": provider})
+    client = relay.client(relay.new_key()["key"])
+    answer = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "weather in Paris?"}], tools=TOOLS, tool_choice="auto",
+        temperature=0.2, top_p=0.9, seed=7, stop=["\n\n"], response_format={"type": "json_object"},
+        frequency_penalty=0.4, presence_penalty=0.3, logprobs=True, top_logprobs=3)
+    assert answer.choices[0].message.content == f"Hello from {model}"
+    sent = calls[-1]["body"]
+    assert sent["tools"][0]["function"]["name"] == "get_weather" and sent["tool_choice"] == "auto"
+    assert sent["tools"][0]["function"]["parameters"]["required"] == ["city"]
+    expected = {"temperature": 0.2, "top_p": 0.9, "seed": 7, "stop": ["\n\n"], "frequency_penalty": 0.4,
+                "presence_penalty": 0.3, "logprobs": True, "top_logprobs": 3,
+                "response_format": {"type": "json_object"}}
+    assert {k: sent[k] for k in expected} == expected
