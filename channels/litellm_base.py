@@ -144,40 +144,34 @@ class LiteLLMChannel(Channel):
         return {**body, **self.connection_kwargs(), "timeout": self.config.timeout_s, "num_retries": 0,
                 "_skip_mcp_handler": True}
 
-    async def chat(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, function: Any, request: dict[str, Any], *, text: bool) -> dict[str, Any]:
         try:
-            response = await litellm.acompletion(**self._kwargs(request))
+            response = await function(**self._kwargs(request, text=text))
         except Exception as exc:
             raise classify(exc) from exc
         return clean(response.model_dump())
 
-    async def chat_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _stream(self, function: Any, request: dict[str, Any], *, text: bool) -> AsyncIterator[dict[str, Any]]:
         try:
-            stream = await litellm.acompletion(**self._kwargs(request))
+            stream = await function(**self._kwargs(request, text=text))
             async for chunk in stream:
                 yield _clean_chunk(chunk)
         except UpstreamError:
             raise
         except Exception as exc:
             raise classify(exc) from exc
+
+    async def chat(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(litellm.acompletion, request, text=False)
+
+    def chat_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(litellm.acompletion, request, text=False)
 
     async def completion(self, request: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await litellm.atext_completion(**self._kwargs(request, text=True))
-        except Exception as exc:
-            raise classify(exc) from exc
-        return clean(response.model_dump())
+        return await self._call(litellm.atext_completion, request, text=True)
 
-    async def completion_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        try:
-            stream = await litellm.atext_completion(**self._kwargs(request, text=True))
-            async for chunk in stream:
-                yield _clean_chunk(chunk)
-        except UpstreamError:
-            raise
-        except Exception as exc:
-            raise classify(exc) from exc
-
+    def completion_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(litellm.atext_completion, request, text=True)
 
 async def warm_up() -> None:
     """litellm loads its provider modules on first use (~1 s); pay that at startup, offline."""
