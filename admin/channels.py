@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
 from admin.crud import apply_patch, commit, get_or_404, snapshot_row
-from admin.deps import db_session, require_admin
+from admin.deps import RowId, db_session, require_admin
 from admin.schemas import ChannelCreate, ChannelOut, ChannelUpdate
 from channels.base import UpstreamError
 from channels.registry import build
@@ -33,13 +33,13 @@ def list_channels(s: Session = Depends(db_session), _: str = Depends(require_adm
 
 
 @router.get("/{channel_id}", response_model=ChannelOut)
-def get_channel(channel_id: int, s: Session = Depends(db_session),
+def get_channel(channel_id: RowId, s: Session = Depends(db_session),
                 _: str = Depends(require_admin)) -> ChannelOut:
     return ChannelOut.of(get_or_404(s, Channel, channel_id, "channel"))
 
 
 @router.patch("/{channel_id}", response_model=ChannelOut)
-def update_channel(channel_id: int, body: ChannelUpdate, request: Request, s: Session = Depends(db_session),
+def update_channel(channel_id: RowId, body: ChannelUpdate, request: Request, s: Session = Depends(db_session),
                    actor: str = Depends(require_admin)) -> ChannelOut:
     channel = get_or_404(s, Channel, channel_id, "channel")
     before = snapshot_row(channel)
@@ -49,7 +49,7 @@ def update_channel(channel_id: int, body: ChannelUpdate, request: Request, s: Se
 
 
 @router.delete("/{channel_id}", status_code=204)
-def delete_channel(channel_id: int, request: Request, s: Session = Depends(db_session),
+def delete_channel(channel_id: RowId, request: Request, s: Session = Depends(db_session),
                    actor: str = Depends(require_admin)) -> None:
     channel = get_or_404(s, Channel, channel_id, "channel")
     before = snapshot_row(channel)
@@ -58,7 +58,7 @@ def delete_channel(channel_id: int, request: Request, s: Session = Depends(db_se
 
 
 @router.post("/{channel_id}/test", response_model=ChannelOut)
-async def test_channel(channel_id: int, request: Request, model: str | None = None,
+async def test_channel(channel_id: RowId, request: Request, model: str | None = None,
                        s: Session = Depends(db_session), _: str = Depends(require_admin)) -> ChannelOut:
     """Sends new-api's test request ("hi", max_tokens 16) and stores latency and outcome."""
     row = await run_in_threadpool(get_or_404, s, Channel, channel_id, "channel")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import Request
 from sqlalchemy.exc import IntegrityError
@@ -16,12 +17,28 @@ Row = TypeVar("Row", bound=SQLModel)
 
 # Secrets never appear in admin answers or audit events.
 _SECRET_FIELDS = {"api_key", "key_hash"}
-_SECRET_WORDS = re.compile(r"key|secret|token|password|credential", re.I)
+_SECRET_WORDS = re.compile(r"key|secret|token|password|credential|auth|cookie", re.I)
 
 
-def redact_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    """Channel options may carry provider credentials (aws_secret_access_key, vertex_credentials...)."""
-    return {k: ("***" if _SECRET_WORDS.search(k) else v) for k, v in (options or {}).items()}
+def redact_options(options: Any) -> Any:
+    """Channel options may carry provider credentials at any depth (aws_secret_access_key,
+    extra_headers.Authorization, ...)."""
+    if isinstance(options, dict):
+        return {k: ("***" if _SECRET_WORDS.search(str(k)) else redact_options(v)) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact_options(v) for v in options]
+    return options
+
+
+def redact_url(url: str | None) -> str | None:
+    """https://user:password@host/... → https://user:***@host/..."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def get_or_404(session: Session, model: type[Row], row_id: int, entity: str) -> Row:
@@ -37,6 +54,8 @@ def snapshot_row(row: SQLModel | None) -> dict[str, Any] | None:
     data = row.model_dump(mode="json")
     if "options" in data:
         data["options"] = redact_options(data["options"])
+    if "base_url" in data:
+        data["base_url"] = redact_url(data["base_url"])
     return {k: ("***" if k in _SECRET_FIELDS and v is not None else v) for k, v in data.items()}
 
 

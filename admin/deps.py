@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Path, Query, Request
 from sqlmodel import Session
 
 from relay.auth import bearer_token
 from relay.errors import RelayError
+
+# Row ids in paths and filters: out-of-range integers are a 400/404, never a database overflow.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+FilterId = Annotated[int | None, Query(ge=1, le=2**31 - 1)]
 
 
 def require_admin(request: Request) -> str:

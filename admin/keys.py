@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from sqlmodel import Session, select
 
 from admin.crud import apply_patch, commit, get_or_404, snapshot_row
-from admin.deps import db_session, require_admin
+from admin.deps import FilterId, RowId, db_session, require_admin
 from admin.schemas import KeyCreate, KeyCreated, KeyOut, KeyUpdate
 from relay.auth import hash_secret, new_secret, shown_prefix
 from relay.errors import not_found
@@ -32,7 +32,7 @@ def create_key(body: KeyCreate, request: Request, s: Session = Depends(db_sessio
 
 
 @router.get("", response_model=list[KeyOut])
-def list_keys(tenant_id: int | None = None, s: Session = Depends(db_session),
+def list_keys(tenant_id: FilterId = None, s: Session = Depends(db_session),
               _: str = Depends(require_admin)) -> list[ApiKey]:
     query = select(ApiKey).order_by(ApiKey.id)
     if tenant_id is not None:
@@ -41,12 +41,12 @@ def list_keys(tenant_id: int | None = None, s: Session = Depends(db_session),
 
 
 @router.get("/{key_id}", response_model=KeyOut)
-def get_key(key_id: int, s: Session = Depends(db_session), _: str = Depends(require_admin)) -> ApiKey:
+def get_key(key_id: RowId, s: Session = Depends(db_session), _: str = Depends(require_admin)) -> ApiKey:
     return get_or_404(s, ApiKey, key_id, "api_key")
 
 
 @router.patch("/{key_id}", response_model=KeyOut)
-def update_key(key_id: int, body: KeyUpdate, request: Request, s: Session = Depends(db_session),
+def update_key(key_id: RowId, body: KeyUpdate, request: Request, s: Session = Depends(db_session),
                actor: str = Depends(require_admin)) -> ApiKey:
     key = get_or_404(s, ApiKey, key_id, "api_key")
     before = snapshot_row(key)
@@ -56,7 +56,7 @@ def update_key(key_id: int, body: KeyUpdate, request: Request, s: Session = Depe
 
 
 @router.delete("/{key_id}", response_model=KeyOut)
-def revoke_key(key_id: int, request: Request, s: Session = Depends(db_session),
+def revoke_key(key_id: RowId, request: Request, s: Session = Depends(db_session),
                actor: str = Depends(require_admin)) -> ApiKey:
     """Revokes (the row stays, so usage history still names the key)."""
     key = get_or_404(s, ApiKey, key_id, "api_key")

@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import ipaddress
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from admin.crud import redact_options
+from admin.crud import redact_options, redact_url
 from channels.registry import channel_types
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
-NonNegative = Annotated[int, Field(ge=0)]
+INT32_MAX = 2**31 - 1  # PostgreSQL INTEGER columns
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+NonNegative = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Int32 = Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)]
+Tokens = Annotated[int, Field(ge=0, le=2**53)]
+RowRef = Annotated[int, Field(ge=1, le=INT32_MAX)]
+ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Patch(_In):
+    """PATCH bodies: a field left out stays; null is accepted only where the column may be null."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_null(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name not in cls.nullable:
+            raise ValueError("may not be null")
+        return value
 
 
 class _Out(BaseModel):
@@ -35,15 +53,16 @@ class TenantCreate(_In):
     name: Name
     rpm: NonNegative | None = None
     tpm: NonNegative | None = None
-    token_quota: NonNegative | None = None
+    token_quota: Tokens | None = None
 
 
-class TenantUpdate(_In):
+class TenantUpdate(_Patch):
+    nullable = frozenset({"rpm", "tpm", "token_quota"})
     name: Name | None = None
     status: Literal["active", "disabled"] | None = None
     rpm: NonNegative | None = None
     tpm: NonNegative | None = None
-    token_quota: NonNegative | None = None
+    token_quota: Tokens | None = None
 
 
 class TenantOut(_Out):
@@ -61,10 +80,10 @@ class TenantOut(_Out):
 # --- keys ----------------------------------------------------------------------------------------
 
 class _KeyFields(_In):
-    models: list[Annotated[str, Field(min_length=1)]] | None = None
+    models: list[ModelName] | None = None
     ip_allow: list[str] | None = None
     expires_at: datetime | None = None
-    token_quota: NonNegative | None = None
+    token_quota: Tokens | None = None
 
     @field_validator("ip_allow")
     @classmethod
@@ -83,11 +102,12 @@ class _KeyFields(_In):
 
 
 class KeyCreate(_KeyFields):
-    tenant_id: int
+    tenant_id: RowRef
     name: Name = "default"
 
 
-class KeyUpdate(_KeyFields):
+class KeyUpdate(_KeyFields, _Patch):
+    nullable = frozenset({"models", "ip_allow", "expires_at", "token_quota"})
     name: Name | None = None
     status: Literal["active", "revoked"] | None = None
 
@@ -117,7 +137,7 @@ class _ChannelFields(_In):
     base_url: Annotated[str, Field(max_length=1000)] | None = None
     api_key: str | None = None
     model_mapping: dict[str, str] | None = None
-    priority: int | None = None
+    priority: Int32 | None = None
     weight: NonNegative | None = None
     timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     retries: Annotated[int, Field(ge=0, le=10)] | None = None
@@ -141,16 +161,17 @@ def _known_type(v: str | None) -> str | None:
 class ChannelCreate(_ChannelFields):
     name: Name
     type: str
-    models: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    models: Annotated[list[ModelName], Field(min_length=1)]
     status: Literal["enabled", "disabled"] = "enabled"
 
     _type = field_validator("type")(classmethod(lambda cls, v: _known_type(v)))
 
 
-class ChannelUpdate(_ChannelFields):
+class ChannelUpdate(_ChannelFields, _Patch):
+    nullable = frozenset({"base_url", "api_key"})
     name: Name | None = None
     type: str | None = None
-    models: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    models: Annotated[list[ModelName], Field(min_length=1)] | None = None
     status: Literal["enabled", "disabled", "auto_disabled"] | None = None
 
     _type = field_validator("type")(classmethod(lambda cls, v: _known_type(v)))
@@ -183,5 +204,6 @@ class ChannelOut(_Out):
     @classmethod
     def of(cls, row: Any) -> ChannelOut:
         data = {k: getattr(row, k) for k in cls.model_fields if k != "has_api_key"}
-        data["options"] = redact_options(row.options)
+        data["options"] = redact_options(row.options or {})
+        data["base_url"] = redact_url(row.base_url)
         return cls(**data, has_api_key=bool(row.api_key))

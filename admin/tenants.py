@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from sqlmodel import Session, delete, select
 
 from admin.crud import apply_patch, commit, get_or_404, snapshot_row
-from admin.deps import db_session, require_admin
+from admin.deps import RowId, db_session, require_admin
 from admin.schemas import TenantCreate, TenantOut, TenantUpdate
 from relay.models import ApiKey, ModelPolicy, Tenant
 
@@ -27,12 +27,12 @@ def list_tenants(s: Session = Depends(db_session), _: str = Depends(require_admi
 
 
 @router.get("/{tenant_id}", response_model=TenantOut)
-def get_tenant(tenant_id: int, s: Session = Depends(db_session), _: str = Depends(require_admin)) -> Tenant:
+def get_tenant(tenant_id: RowId, s: Session = Depends(db_session), _: str = Depends(require_admin)) -> Tenant:
     return get_or_404(s, Tenant, tenant_id, "tenant")
 
 
 @router.patch("/{tenant_id}", response_model=TenantOut)
-def update_tenant(tenant_id: int, body: TenantUpdate, request: Request, s: Session = Depends(db_session),
+def update_tenant(tenant_id: RowId, body: TenantUpdate, request: Request, s: Session = Depends(db_session),
                   actor: str = Depends(require_admin)) -> Tenant:
     tenant = get_or_404(s, Tenant, tenant_id, "tenant")
     before = snapshot_row(tenant)
@@ -42,7 +42,7 @@ def update_tenant(tenant_id: int, body: TenantUpdate, request: Request, s: Sessi
 
 
 @router.delete("/{tenant_id}", status_code=204)
-def delete_tenant(tenant_id: int, request: Request, s: Session = Depends(db_session),
+def delete_tenant(tenant_id: RowId, request: Request, s: Session = Depends(db_session),
                   actor: str = Depends(require_admin)) -> None:
     """Deletes the tenant with its keys and policies; request logs keep their history."""
     tenant = get_or_404(s, Tenant, tenant_id, "tenant")

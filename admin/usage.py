@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy import case, func
 from sqlmodel import Session, select
 
-from admin.deps import db_session, require_admin
+from admin.deps import FilterId, db_session, require_admin
 from admin.schemas import _as_utc
 from relay.models import AuditEvent, RequestLog
 
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/admin", tags=["usage"])
 
 
 @router.get("/usage")
-def usage(since: datetime | None = None, until: datetime | None = None, tenant_id: int | None = None,
+def usage(since: datetime | None = None, until: datetime | None = None, tenant_id: FilterId = None,
           model: str | None = None, s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
     """Totals grouped by tenant, model and channel over an optional time window."""
     cols = (RequestLog.tenant_id, RequestLog.model, RequestLog.channel_id)
@@ -40,7 +40,7 @@ def usage(since: datetime | None = None, until: datetime | None = None, tenant_i
 
 
 @router.get("/logs")
-def logs(limit: int = Query(100, ge=1, le=1000), tenant_id: int | None = None,
+def logs(limit: int = Query(100, ge=1, le=1000), tenant_id: FilterId = None,
          s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
     query = select(RequestLog).order_by(RequestLog.id.desc()).limit(limit)
     if tenant_id is not None:

@@ -31,6 +31,11 @@ class ChannelConfig:
         return self.model_mapping.get(model, model)
 
 
+# ONE API / new-api disable a channel whose error carries these; a provider's words must not pass them on.
+ONE_API_DISABLE_WORDS = ("credit", "balance", "permission denied", "insufficient_quota", "authentication_error",
+                         "permission_error", "quota")
+
+
 class UpstreamError(Exception):
     """A failure talking to the channel, already classified for routing and for the client."""
 

@@ -5,19 +5,24 @@ arguments to add; calls, streaming, response cleaning and error classification l
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_TELEMETRY", "False")
 
+import aiohttp  # noqa: E402
+import httpx  # noqa: E402
 import litellm  # noqa: E402
 import openai  # noqa: E402
 from litellm.litellm_core_utils import litellm_logging  # noqa: E402
 
-from channels.base import Channel, UpstreamError  # noqa: E402
+from channels.base import ONE_API_DISABLE_WORDS, Channel, UpstreamError  # noqa: E402
 
 litellm.telemetry = False
 litellm.suppress_debug_info = True
@@ -38,9 +43,16 @@ for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
 
 # litellm adds its own bookkeeping to every object; clients of an OpenAI API must not see it.
 _PRIVATE_KEYS = frozenset({"provider_specific_fields", "_hidden_params", "_response_ms"})
-# Keys that only litellm understands as its own arguments; never forwarded from a client body.
-_LITELLM_RESERVED = frozenset({"api_base", "base_url", "api_key", "custom_llm_provider", "num_retries",
-                               "mock_response", "litellm_logging_obj", "metadata"})
+# OpenAI's own request fields go to litellm as arguments. Anything else a client sends travels in
+# `extra_body`, so it reaches the upstream's JSON (vLLM's top_k, ...) but can never be taken by litellm as
+# one of its own arguments (api_base, headers, mock_response, model_list, ...).
+_OPENAI_FIELDS = frozenset({
+    "messages", "prompt", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
+    "max_completion_tokens", "n", "presence_penalty", "response_format", "seed", "stop", "stream",
+    "stream_options", "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls", "user", "functions",
+    "function_call", "reasoning_effort", "modalities", "audio", "prediction", "service_tier", "store",
+    "best_of", "echo", "suffix"})
+_NOT_FORWARDED = frozenset({"model", "metadata"})  # metadata carries relay hints (metadata.task)
 
 
 def clean(value: Any) -> Any:
@@ -48,7 +60,7 @@ def clean(value: Any) -> Any:
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            if k in _PRIVATE_KEYS or (v is None and k != "content"):
+            if k in _PRIVATE_KEYS or (v is None and k not in ("content", "finish_reason")):
                 continue
             out[k] = clean(v)
         return out
@@ -73,20 +85,28 @@ def _clean_chunk(chunk: Any) -> dict[str, Any]:
     return data
 
 
+_TIMEOUTS = (litellm.Timeout, openai.APITimeoutError, TimeoutError, httpx.TimeoutException)
+_NETWORK = (ConnectionError, socket.gaierror, httpx.TransportError, aiohttp.ClientConnectionError)
+
+
 def classify(exc: Exception) -> UpstreamError:
     """Map litellm/openai exceptions to retryable-or-not upstream errors. Messages are ours, so a
     provider's words about credit or balance never reach ONE API (it would disable this relay)."""
     status = getattr(exc, "status_code", None)
     chain = _causes(exc)
-    if any(isinstance(e, litellm.Timeout | openai.APITimeoutError | TimeoutError) for e in chain):
+    if any(isinstance(e, _TIMEOUTS) for e in chain):
         return UpstreamError(504, "The upstream channel timed out.", retryable=True, kind="timeout")
     # litellm reports a refused connection as a 500 "InternalServerError"; the cause chain knows better.
-    if any(isinstance(e, openai.APIConnectionError | ConnectionError) for e in chain):
+    if any(isinstance(e, _NETWORK) for e in chain):
         return UpstreamError(502, "Could not connect to the upstream channel.", retryable=True,
                              kind="connect_error")
+    if isinstance(exc, litellm.APIConnectionError):
+        # No network error behind it: litellm could not build the upstream request from this body.
+        return UpstreamError(400, f"This request cannot be sent to the upstream: {_provider_message(exc)}",
+                             retryable=False, kind="invalid_request_error")
     if isinstance(exc, litellm.ContextWindowExceededError | litellm.UnsupportedParamsError) or status in (
             400, 413, 422):
-        return UpstreamError(400, _first_line(exc), retryable=False, kind="invalid_request_error")
+        return UpstreamError(400, _provider_message(exc), retryable=False, kind="invalid_request_error")
     if status in (401, 403):
         return UpstreamError(502, "The upstream channel rejected the relay's credentials.", retryable=True,
                              kind="upstream_auth")
@@ -108,13 +128,20 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(getattr(exc, "message", None) or exc)
-    # litellm prefixes "litellm.BadRequestError: OpenAIException - ..."; keep the provider's words.
+def _provider_message(exc: Exception) -> str:
+    """The provider's own message (unwrapped from litellm's prefixes and JSON), unless it carries words
+    that would make ONE API disable this relay."""
+    text = str(getattr(exc, "message", None) or exc).strip()
     for marker in ("Exception - ", "Error: "):
         if marker in text:
             text = text.split(marker, 1)[1]
-    return text.strip().splitlines()[0][:500] if text.strip() else "The upstream rejected the request."
+    if "{" in text:
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            text = str(json.loads(text[text.index("{"):])["error"]["message"])
+    text = (text.strip().splitlines() or [""])[0][:500]
+    if not text or any(word in text.lower() for word in ONE_API_DISABLE_WORDS):
+        return "The upstream rejected the request."
+    return text
 
 
 class LiteLLMChannel(Channel):
@@ -137,7 +164,10 @@ class LiteLLMChannel(Channel):
         return kwargs
 
     def _kwargs(self, request: dict[str, Any], *, text: bool = False) -> dict[str, Any]:
-        body = {k: v for k, v in request.items() if k not in _LITELLM_RESERVED}
+        body = {k: v for k, v in request.items() if k in _OPENAI_FIELDS}
+        extra = {k: v for k, v in request.items() if k not in _OPENAI_FIELDS and k not in _NOT_FORWARDED}
+        if extra:
+            body["extra_body"] = extra
         body["model"] = (self.text_model if text else self.litellm_model)(request["model"])
         # _skip_mcp_handler: without it litellm 1.106 routes every request that has `tools` through its
         # MCP gateway, which imports the proxy-only `mcp` package and fails.

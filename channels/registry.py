@@ -14,6 +14,7 @@ ENTRY_POINT_GROUP = "policy_relay.channels"
 _BUILTIN = {
     "openai": "channels.openai_compat:OpenAIChannel",
     "litellm": "channels.litellm_provider:LiteLLMChannel",
+    "local": "channels.local:LocalChannel",
 }
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from relay.auth import authenticate, model_allowed
-from relay.errors import not_found
+from relay.errors import RelayError, not_found
 from relay.openai_schema import ChatRequest, CompletionRequest, parse_body
 from relay.pipeline import Pipeline, RelayCall
 
@@ -29,7 +29,11 @@ def _principal(request: Request):
 async def _relay(request: Request, endpoint: str, schema) -> Response:
     started = time.perf_counter()
     principal = _principal(request)  # a bad key is a 401 even when the body is broken too
-    body = parse_body(await request.body(), schema)
+    try:
+        body = parse_body(await request.body(), schema)
+    except RelayError as exc:
+        _pipeline(request).reject(RelayCall(endpoint, {"model": "(invalid request)"}, principal, started), exc)
+        raise
     result = await _pipeline(request).run(RelayCall(endpoint, body, principal, started))
     if result.stream is not None:
         return StreamingResponse(result.stream, media_type="text/event-stream",

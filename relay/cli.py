@@ -13,12 +13,36 @@ from relay.settings import Settings
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from relay import db
+    from relay import bootstrap, db
 
     db.upgrade(settings.database_url)  # idempotent: a fresh machine gets its schema here
+    if args.with_worker:
+        _, url, model = bootstrap.start_worker(args.with_worker, args.worker_port)
+        bootstrap.register_local_channel(settings.database_url, url, model)
+    elif args.worker_url:
+        bootstrap.register_local_channel(settings.database_url, args.worker_url,
+                                         bootstrap.wait_for_worker(args.worker_url, 600))
+    secret = bootstrap.first_key(settings.database_url)
+    if secret:
+        print(f"\nNew database: created tenant 'default' and its first API key (shown this once):\n    {secret}\n",
+              flush=True)
     uvicorn.run("relay.app:create_app", factory=True, host=args.host or settings.host,
                 port=args.port or settings.port, workers=args.workers, log_level=args.log_level,
-                access_log=args.access_log, loop="auto", http="auto")
+                access_log=args.access_log, loop="auto", http="auto",
+                proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None)
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from backends.loading import load
+    from backends.server import create_worker_app
+
+    lm = load(args.model, device=args.device, dtype=args.dtype)
+    logging.getLogger("relay").info("worker serving %s on %s (%s)", lm.name, lm.device, lm.dtype)
+    uvicorn.run(create_worker_app(lm, max_batch=args.max_batch), host=args.host, port=args.port,
+                log_level=args.log_level, access_log=False)
     return 0
 
 
@@ -92,7 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="gateway processes (default 1)")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true", help="log every request line")
+    serve.add_argument("--with-worker", metavar="MODEL",
+                       help="also start a local worker for MODEL (e.g. smollm2-135m) and a `local` channel for it")
+    serve.add_argument("--worker-port", type=int, default=8001)
+    serve.add_argument("--worker-url", help="register an already running worker as the `local` channel")
     serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="run the local torch/transformers worker")
+    worker.add_argument("--model", required=True,
+                        help="tiny-qwen2 | tiny-qwen3 | smollm2-135m | a HuggingFace id | a folder | a .gguf file")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=8001)
+    worker.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    worker.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float16, ...")
+    worker.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    worker.add_argument("--log-level", default="info")
+    worker.set_defaults(func=_worker)
 
     dbp = sub.add_parser("db", help="database schema")
     dbsub = dbp.add_subparsers(dest="db_command", required=True)

@@ -64,7 +64,7 @@ _STATUS_TYPES = {401: "invalid_request_error", 403: "invalid_request_error", 404
 
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
     param = ".".join(loc) or None
     msg = first.get("msg", "Invalid request body.")
     if first.get("type") == "json_invalid":

@@ -14,13 +14,18 @@ Temperature = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 
 
+# strict: "stream": "yes" or "temperature": "0.5" are 400s, as at OpenAI, not values coerced here and then
+# forwarded as the client spelled them.
+STRICT = ConfigDict(extra="allow", strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     include_usage: bool | None = None
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     stream: bool | None = None
@@ -38,7 +43,7 @@ class _Common(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -82,6 +87,10 @@ def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
         schema.model_validate(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    if "stream_options" in body and not body.get("stream"):
+        # OpenAI refuses stream_options without stream; drop it instead, since gateways in front of us
+        # (new-api forces include_usage) may add it to every request.
+        del body["stream_options"]
     return body
 
 

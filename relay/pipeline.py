@@ -17,11 +17,22 @@ from relay.catalog import Catalog
 from relay.errors import RelayError, not_found
 from relay.policy import PolicyOutcome, apply_policy
 from relay.routing import candidates
-from relay.usage import UsageRecorder
+from relay.usage import UsageRecorder, clamp_tokens
 
 log = logging.getLogger("relay.pipeline")
 
 EMPTY_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def clean_usage(usage: Any) -> dict[str, Any]:
+    """The upstream's usage with every count a sane integer (ONE API bills from it)."""
+    if not isinstance(usage, dict):
+        return dict(EMPTY_USAGE)
+    out: dict[str, Any] = {k: clamp_tokens(usage.get(k, 0)) for k in EMPTY_USAGE}
+    for key, value in usage.items():
+        if key.endswith("_details") and isinstance(value, dict):
+            out[key] = {k: clamp_tokens(v) for k, v in value.items() if isinstance(v, int | float)}
+    return out
 
 
 @dataclass
@@ -56,24 +67,26 @@ class Pipeline:
         self.usage = usage
 
     async def run(self, call: RelayCall) -> RelayResult:
-        model = call.body["model"]
-        check_model(call.principal, model)
-        check_quota(call.principal, self.usage)
-        outcome = apply_policy(call.endpoint, call.body, call.principal.tenant.id)
-        attempt = _Attempt(call, outcome)
-        channels = self.catalog.snapshot.channels_by_model.get(model)
-        if not channels:
-            error = not_found(f"The model `{model}` does not exist or you do not have access to it.",
-                              "model", "model_not_found")
-            self._log(attempt, error.status, error_type=error.code)
-            raise error
+        attempt = _Attempt(call, PolicyOutcome(call.body))
         try:
-            if outcome.request.get("stream"):
+            model = call.body["model"]
+            check_model(call.principal, model)
+            check_quota(call.principal, self.usage)
+            attempt.outcome = apply_policy(call.endpoint, call.body, call.principal.tenant.id)
+            channels = self.catalog.snapshot.channels_by_model.get(model)
+            if not channels:
+                raise not_found(f"The model `{model}` does not exist or you do not have access to it.",
+                                "model", "model_not_found")
+            if attempt.outcome.request.get("stream"):
                 return await self._stream(attempt, candidates(channels))
             return await self._complete(attempt, candidates(channels))
         except RelayError as exc:
             self._log(attempt, exc.status, error_type=exc.code or exc.type)
             raise
+
+    def reject(self, call: RelayCall, error: RelayError) -> None:
+        """Logs a request refused before it reached the pipeline (an invalid body from a valid key)."""
+        self._log(_Attempt(call, PolicyOutcome(call.body)), error.status, error_type=error.code or error.type)
 
     def _headers(self, attempt: _Attempt) -> dict[str, str]:
         headers = {"X-Relay-Policy": attempt.outcome.ref or "none",
@@ -111,7 +124,7 @@ class Pipeline:
                 break
             attempt.upstream_ms += (time.perf_counter() - t0) * 1000
             response["model"] = attempt.call.body["model"]
-            usage = response.setdefault("usage", dict(EMPTY_USAGE))
+            usage = response["usage"] = clean_usage(response.get("usage"))
             headers = self._headers(attempt)
             total_ms = self._log(attempt, 200, usage=usage)
             headers["Server-Timing"] = (f"upstream;dur={attempt.upstream_ms:.3f}, "
@@ -149,12 +162,15 @@ class Pipeline:
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         model = body["model"]
         usage: dict[str, Any] | None = None
+        content_chunks = 0  # a stand-in for completion tokens when the stream ends without usage
         status, error_type = 200, None
         try:
             chunk = first
             while chunk is not None:
+                if any(c.get("delta", {}).get("content") or c.get("text") for c in chunk.get("choices", [])):
+                    content_chunks += 1
                 if chunk.get("usage"):
-                    usage = chunk["usage"]
+                    usage = chunk["usage"] = clean_usage(chunk["usage"])
                     if not chunk.get("choices") and not wants_usage:
                         chunk = await anext(chunks, None)
                         continue
@@ -177,6 +193,8 @@ class Pipeline:
             raise
         finally:
             await chunks.aclose()
+            if usage is None:
+                usage = {**EMPTY_USAGE, "completion_tokens": content_chunks, "total_tokens": content_chunks}
             self._log(attempt, status, usage=usage, error_type=error_type)
 
     def _log(self, attempt: _Attempt, status: int, *, usage: dict[str, Any] | None = None,

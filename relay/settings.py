@@ -22,6 +22,9 @@ class Settings:
     # in-memory configuration checks the database for edits made by other processes.
     log_flush_s: float
     config_poll_s: float
+    # Reverse proxies whose X-Forwarded-For is believed (for IP allow-lists); empty: none, the socket's
+    # peer address counts.
+    trusted_proxies: str
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -34,4 +37,5 @@ class Settings:
             port=int(os.environ.get("RELAY_PORT", "8080")),
             log_flush_s=_float("RELAY_LOG_FLUSH_S", 1.0),
             config_poll_s=_float("RELAY_CONFIG_POLL_S", 1.0),
+            trusted_proxies=os.environ.get("RELAY_TRUSTED_PROXIES", "").strip(),
         )

@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import Engine, insert, update
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
 from relay.models import ApiKey, RequestLog, Tenant, utcnow
@@ -18,6 +19,26 @@ from relay.models import ApiKey, RequestLog, Tenant, utcnow
 log = logging.getLogger("relay.usage")
 
 MAX_PENDING = 100_000  # beyond this the oldest logs are dropped rather than exhausting memory
+MAX_TOKENS = 2**31 - 1  # the log columns are INTEGER; beyond this an upstream reports nonsense
+_STRING_LIMITS = {"endpoint": 50, "model": 200, "upstream_model": 200, "error_type": 100, "cache": 10, "policy": 50}
+
+
+def clamp_tokens(value: object) -> int:
+    try:
+        return min(max(int(value), 0), MAX_TOKENS)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _storable(entry: dict[str, Any]) -> dict[str, Any]:
+    """Client- and upstream-supplied values must fit the columns: one bad row must never block the batch."""
+    for column, limit in _STRING_LIMITS.items():
+        value = entry.get(column)
+        if isinstance(value, str):
+            entry[column] = value.replace("\x00", "")[:limit]
+    for column in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        entry[column] = clamp_tokens(entry.get(column, 0))
+    return entry
 
 
 class UsageRecorder:
@@ -28,9 +49,13 @@ class UsageRecorder:
         self._key_delta: dict[int, int] = defaultdict(int)
         self._tenant_used: dict[int, int] = {}
         self._key_used: dict[int, int] = {}
+        # Deltas being written right now: still counted until the refreshed totals include them.
+        self._inflight_tenant: dict[int, int] = {}
+        self._inflight_key: dict[int, int] = {}
         self._lock = asyncio.Lock()
 
     def record(self, entry: dict[str, Any]) -> None:
+        entry = _storable(entry)
         entry.setdefault("created_at", utcnow())
         if len(self._logs) >= MAX_PENDING:
             del self._logs[0]
@@ -42,36 +67,44 @@ class UsageRecorder:
             self._key_delta[entry["key_id"]] += tokens
 
     def tenant_used(self, tenant_id: int) -> int:
-        return self._tenant_used.get(tenant_id, 0) + self._tenant_delta.get(tenant_id, 0)
+        return (self._tenant_used.get(tenant_id, 0) + self._inflight_tenant.get(tenant_id, 0)
+                + self._tenant_delta.get(tenant_id, 0))
 
     def key_used(self, key_id: int) -> int:
-        return self._key_used.get(key_id, 0) + self._key_delta.get(key_id, 0)
+        return self._key_used.get(key_id, 0) + self._inflight_key.get(key_id, 0) + self._key_delta.get(key_id, 0)
 
     async def flush(self) -> int:
         async with self._lock:
             logs, self._logs = self._logs, []
             tenant_delta, self._tenant_delta = self._tenant_delta, defaultdict(int)
             key_delta, self._key_delta = self._key_delta, defaultdict(int)
+            self._inflight_tenant, self._inflight_key = tenant_delta, key_delta
             try:
-                await asyncio.to_thread(self._write, logs, tenant_delta, key_delta)
+                if logs:
+                    await asyncio.to_thread(self._insert_logs, logs)
             except Exception as exc:
-                # Put everything back so nothing is lost; the next flush retries.
+                self._logs[:0] = logs  # the database is away: keep them for the next flush
+                self._restore(tenant_delta, key_delta)
                 log.warning("usage flush of %d logs failed, will retry: %s", len(logs),
                             str(exc).splitlines()[0][:300])
-                self._logs[:0] = logs
-                for k, v in tenant_delta.items():
-                    self._tenant_delta[k] += v
-                for k, v in key_delta.items():
-                    self._key_delta[k] += v
                 return 0
+            try:
+                await asyncio.to_thread(self._apply_usage, tenant_delta, key_delta)
+            except Exception as exc:
+                self._restore(tenant_delta, key_delta)  # logs are in; only the totals are retried
+                log.warning("usage totals update failed, will retry: %s", str(exc).splitlines()[0][:300])
             return len(logs)
 
-    def _write(self, logs: list[dict[str, Any]], tenant_delta: dict[int, int],
-               key_delta: dict[int, int]) -> None:
+    def _restore(self, tenant_delta: dict[int, int], key_delta: dict[int, int]) -> None:
+        self._inflight_tenant, self._inflight_key = {}, {}
+        for k, v in tenant_delta.items():
+            self._tenant_delta[k] += v
+        for k, v in key_delta.items():
+            self._key_delta[k] += v
+
+    def _apply_usage(self, tenant_delta: dict[int, int], key_delta: dict[int, int]) -> None:
         now = utcnow()
         with Session(self.engine) as s:
-            if logs:
-                s.execute(insert(RequestLog), logs)
             for tid, n in tenant_delta.items():
                 s.execute(update(Tenant).where(Tenant.id == tid).values(used_tokens=Tenant.used_tokens + n))
             for kid, n in key_delta.items():
@@ -83,6 +116,29 @@ class UsageRecorder:
                                             .where(Tenant.token_quota.is_not(None))).all())
             self._key_used = dict(s.exec(select(ApiKey.id, ApiKey.used_tokens)
                                          .where(ApiKey.token_quota.is_not(None))).all())
+            self._inflight_tenant, self._inflight_key = {}, {}
+
+    def _insert_logs(self, logs: list[dict[str, Any]]) -> None:
+        """One batch insert; if the batch fails, row by row, dropping (and reporting) only the rows the
+        database refuses, so a single bad row cannot hold back every log and usage total behind it."""
+        try:
+            with Session(self.engine) as s:
+                s.execute(insert(RequestLog), logs)
+                s.commit()
+            return
+        except OperationalError:
+            raise  # the database is unreachable: keep everything and retry later
+        except Exception as exc:
+            log.warning("batch of %d logs refused (%s); writing them one by one", len(logs), type(exc).__name__)
+        for entry in logs:
+            try:
+                with Session(self.engine) as s:
+                    s.execute(insert(RequestLog), [entry])
+                    s.commit()
+            except OperationalError:
+                raise
+            except Exception as exc:
+                log.error("dropped a request log the database refuses: %s", str(exc).splitlines()[0][:300])
 
     async def flush_forever(self, interval_s: float) -> None:
         while True:

@@ -104,7 +104,7 @@ def run_relay(database_url: str, tmp_dir: Path, *args: str, env: dict[str, str] 
     log_path = tmp_dir / f"relay-{port}.log"
     full_env = {**os.environ, "RELAY_DATABASE_URL": database_url, "RELAY_REDIS_URL": "none",
                 "RELAY_ADMIN_TOKEN": ADMIN_TOKEN, "RELAY_PORT": str(port), "RELAY_LOG_FLUSH_S": "0.2",
-                "RELAY_CONFIG_POLL_S": "0.5", **(env or {})}
+                "RELAY_CONFIG_POLL_S": "0.5", "RELAY_TRUSTED_PROXIES": "127.0.0.1", **(env or {})}
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--log-level", "warning", *args],
                                    env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -2,7 +2,8 @@
 
 It stands in for a remote provider (the one thing we do not control). It records every body it
 receives, so tests can assert what reached the upstream. Behaviour is chosen by the upstream model
-name: `fail-<status>` answers that HTTP status, anything else answers "Hello from <model>".
+name: `fail-<status>[-credit]` answers that HTTP status (with a provider message about credit balance),
+`huge-usage` reports absurd token counts, anything else answers "Hello from <model>".
 
 Run alone: python -m tests.fake_upstream --port 9101 [--delay-ms 50]"""
 
@@ -53,8 +54,8 @@ class FakeUpstream:
         model = body.get("model", "")
         if model.startswith("fail-"):
             status = int(model.split("-")[1])
-            return await _json(send, status, {"error": {"message": f"failing with {status}",
-                                                        "type": "server_error", "code": None}})
+            message = "Your credit balance is too low" if model.endswith("-credit") else f"failing with {status}"
+            return await _json(send, status, {"error": {"message": message, "type": "server_error", "code": None}})
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         chat = path.endswith("/chat/completions")
@@ -62,6 +63,8 @@ class FakeUpstream:
         words = [w + " " for w in text.split(" ")]
         words[-1] = words[-1].rstrip()
         usage = {"prompt_tokens": _count_prompt(body), "completion_tokens": len(words)}
+        if model == "huge-usage":
+            usage["prompt_tokens"] = 10**20
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         base = {"id": "cmpl-fake", "created": int(time.time()), "model": model}
         if body.get("stream"):

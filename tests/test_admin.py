@@ -44,6 +44,11 @@ def test_tenant_crud_and_conflict(relay):
     ("/admin/channels", {"name": "c", "type": "nope", "models": ["m"]}, "type"),
     ("/admin/channels", {"name": "c", "type": "openai", "models": []}, "models"),
     ("/admin/channels", {"name": "c", "type": "openai", "models": ["m"], "base_url": "ftp://x"}, "base_url"),
+    ("/admin/tenants", {"name": "a\u0000b"}, "name"),
+    ("/admin/tenants", {"name": "x", "rpm": 99999999999}, "rpm"),
+    ("/admin/tenants", {"name": "x", "token_quota": 10**20}, "token_quota"),
+    ("/admin/keys", {"tenant_id": 99999999999999999999}, "tenant_id"),
+    ("/admin/channels", {"name": "c", "type": "openai", "models": ["m"], "weight": 3000000000}, "weight"),
 ])
 def test_admin_validation_is_openai_shaped_400(relay, path, body, param):
     response = relay.admin("POST", path, body)
@@ -128,3 +133,29 @@ def test_usage_aggregates_request_logs(relay):
     assert len(rows) == 1
     assert rows[0]["model"] == "gpt-x" and rows[0]["requests"] == 2 and rows[0]["total_tokens"] == 14
     assert rows[0]["errors"] == 0
+
+
+@pytest.mark.parametrize("field", ["models", "model_mapping", "options", "capabilities", "name", "weight", "type",
+                                   "status", "priority"])
+def test_patch_null_on_a_required_field_is_400(relay, upstream, field):
+    channel = add_fake_channel(relay, upstream[1], f"nul-{_uid()}", [f"m-{_uid()}"])
+    response = relay.admin("PATCH", f"/admin/channels/{channel['id']}", {field: None})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+    assert relay.admin("GET", f"/admin/channels/{channel['id']}").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/admin/channels/99999999999999999999999", "/admin/logs?tenant_id=99999999999999999",
+                                  "/admin/usage?tenant_id=99999999999999999", "/admin/keys?tenant_id=-1"])
+def test_out_of_range_ids_are_4xx(relay, path):
+    response = relay.admin("GET", path)
+    assert 400 <= response.status_code < 500, response.text
+    assert "." not in (response.json()["error"]["param"] or "")
+
+
+def test_nested_channel_secrets_are_redacted(relay, upstream):
+    created = relay.ok("POST", "/admin/channels", {
+        "name": f"nested-{_uid()}", "type": "openai", "base_url": "https://user:PROVIDERSECRET3@example.invalid/v1",
+        "models": [f"m-{_uid()}"], "options": {"extra_headers": {"Authorization": "Bearer PROVIDERSECRET1"}}})
+    for body in (created, relay.ok("GET", f"/admin/channels/{created['id']}"), relay.ok("GET", "/admin/audit")):
+        assert "PROVIDERSECRET" not in str(body)
+    relay.ok("DELETE", f"/admin/channels/{created['id']}")

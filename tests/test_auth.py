@@ -101,7 +101,7 @@ def test_ip_allow_list(relay):
     _assert_openai_error(_post(relay, CHAT, elsewhere["key"]), 403)
     here = relay.new_key(ip_allow=["127.0.0.1/32"])
     assert _post(relay, CHAT, here["key"]).status_code == 200
-    # uvicorn trusts X-Forwarded-For from 127.0.0.1 (a local reverse proxy): the real client counts.
+    # The tests' relay trusts X-Forwarded-For from 127.0.0.1 (RELAY_TRUSTED_PROXIES): the real client counts.
     assert _post(relay, CHAT, here["key"], headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 403
     assert _post(relay, CHAT, elsewhere["key"], headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 200
 
@@ -129,6 +129,10 @@ def test_unknown_model_is_404(relay):
     ({**CHAT, "top_logprobs": 21}, "top_logprobs"),
     ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({**CHAT, "stream": "yes please"}, "stream"),
+    ({**CHAT, "stream": 1}, "stream"),
+    ({**CHAT, "temperature": "0.5"}, "temperature"),
+    ({**CHAT, "n": True}, "n"),
+    ({**CHAT, "max_tokens": "5"}, "max_tokens"),
 ])
 def test_invalid_body_is_400_naming_the_parameter(relay, calls, body, param):
     created = relay.new_key()
@@ -155,3 +159,36 @@ def test_completions_validation(relay):
     response = httpx.post(relay.url + "/v1/completions", json={"model": "gpt-x"}, timeout=30,
                           headers={"Authorization": f"Bearer {created['key']}"})
     _assert_openai_error(response, 400, "prompt")
+
+
+def test_rejected_requests_are_logged(relay):
+    created = relay.new_key(models=["plain-model"])
+    assert _post(relay, CHAT, created["key"]).status_code == 403
+    assert _post(relay, {**CHAT, "temperature": 9}, created["key"]).status_code == 400
+    rows = relay.logs(created["tenant_id"], want=2)
+    assert sorted((r["status_code"], r["error_type"]) for r in rows) == [(400, "invalid_value"), (403, "forbidden")]
+
+
+def test_stream_options_without_stream_is_dropped(relay, calls):
+    created = relay.new_key()
+    response = _post(relay, {**CHAT, "stream_options": {"include_usage": True}}, created["key"])
+    assert response.status_code == 200 and response.json()["object"] == "chat.completion"
+    assert "stream_options" not in calls[-1]["body"]
+
+
+def test_odd_values_never_block_the_request_log(relay, upstream):
+    """A 201-character model name (PostgreSQL's varchar(200)), a NUL byte and an upstream reporting 10**20
+    tokens are all answered, and every later request is still logged and counted."""
+    from tests.conftest import add_fake_channel
+
+    if not any(c["name"] == "huge" for c in relay.ok("GET", "/admin/channels")):
+        add_fake_channel(relay, upstream[1], "huge", ["huge-usage"])
+    created = relay.new_key()
+    assert _post(relay, {**CHAT, "model": "z" * 201}, created["key"]).status_code == 404
+    assert _post(relay, {**CHAT, "model": "m\u0000"}, created["key"]).status_code == 404
+    huge = _post(relay, {**CHAT, "model": "huge-usage"}, created["key"])
+    assert huge.status_code == 200 and huge.json()["usage"]["prompt_tokens"] == 2**31 - 1
+    assert _post(relay, CHAT, created["key"]).status_code == 200
+    rows = relay.logs(created["tenant_id"], want=4)
+    assert len(rows) == 4
+    assert {r["status_code"] for r in rows} == {404, 200}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import time
 import openai
 import pytest
 
-from tests.conftest import ROOT, add_fake_channel, postgres_database, run_relay
+from tests.conftest import ROOT, add_fake_channel, free_port, postgres_database, run_relay
 
 
 def test_workers_share_configuration_edits(tmp_path, upstream):
@@ -50,7 +51,30 @@ def test_shell_commands_set_up_a_working_key(tmp_path, upstream):
          "--models", "shell-model,other", "--model-mapping", '{"shell-model": "mapped"}')
     key = _cli(url, "key", "create", "--tenant", "shell-tenant", "--models", "shell-model")
     assert key["tenant_id"] == tenant["id"] and key["key"].startswith("sk-")
-    with run_relay(url, tmp_path) as relay:
+    with run_relay(url, tmp_path, env={"RELAY_TRUSTED_PROXIES": ""}) as relay:
         answer = relay.client(key["key"]).chat.completions.create(
             model="shell-model", messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content == "Hello from mapped"
+        # Without trusted proxies a forged X-Forwarded-For changes nothing.
+        far = relay.new_key(ip_allow=["10.0.0.0/8"])
+        forged = relay.client(far["key"], default_headers={"X-Forwarded-For": "10.1.2.3"})
+        with pytest.raises(openai.PermissionDeniedError):
+            forged.chat.completions.create(model="shell-model", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_serve_with_worker_answers_offline(tmp_path):
+    """`serve --with-worker MODEL` starts a worker, registers the `local` channel and, on a new database,
+    prints a first key: the README's run command, on the tiny model."""
+    url = f"sqlite:///{tmp_path / 'with-worker.db'}"
+    with run_relay(url, tmp_path, "--with-worker", "tiny-qwen2", "--worker-port", str(free_port())) as relay:
+        key = re.search(r"sk-[A-Za-z0-9_-]{43}", relay.log_path.read_text()).group(0)
+        client = relay.client(key)
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny-qwen2", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=5)
+        assert raw.headers["x-relay-channel"] == "local"
+        assert raw.parse().usage.completion_tokens == 5
+        chunks = list(client.chat.completions.create(model="tiny-qwen2", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=5, stream=True, seed=1,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == 5
+        assert [c.id for c in client.models.list()] == ["tiny-qwen2"]

@@ -6,10 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from channels.base import ONE_API_DISABLE_WORDS
 from tests.conftest import add_fake_channel
-
-ONE_API_DISABLE_WORDS = ("credit", "balance", "permission denied", "insufficient_quota",
-                         "authentication_error", "permission_error")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +33,37 @@ def test_upstream_status_mapping(relay, failing_models, upstream_status, client_
     assert set(error) == {"message", "type", "param", "code"}
     text = response.text.lower()
     assert not any(word in text for word in ONE_API_DISABLE_WORDS), text
+
+
+def test_provider_words_never_reach_the_client(relay, upstream):
+    add_fake_channel(relay, upstream[1], f"credit-{relay.url.rsplit(':', 1)[1]}", ["broke"],
+                     model_mapping={"broke": "fail-400-credit"})
+    key = relay.new_key()["key"]
+    for stream in (False, True):
+        body = {"model": "broke", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+        response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, json=body,
+                              headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 400
+        assert not any(word in response.text.lower() for word in ONE_API_DISABLE_WORDS), response.text
+
+
+def test_body_litellm_cannot_translate_is_400_not_retried(relay, calls):
+    key = relay.new_key()["key"]
+    response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "gpt-x", "messages": [{"role": "user", "content": [{"foo": 1}]}]})
+    assert response.status_code == 400, response.text
+    assert calls == []
+
+
+def test_client_fields_cannot_steer_litellm(relay, calls):
+    """Unknown fields reach the upstream body; none is taken as a litellm argument (api_base, headers...)."""
+    key = relay.new_key()["key"]
+    response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}],
+                                "api_base": "http://127.0.0.1:1", "mock_response": "pwned", "headers": {"X-A": "1"}})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "Hello from up-x"
+    assert calls[-1]["body"]["mock_response"] == "pwned"  # forwarded as plain data
 
 
 def test_unreachable_upstream_is_502(relay):
