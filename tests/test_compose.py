@@ -68,16 +68,18 @@ def test_schema_check_rejects_broken_compose(tmp_path: Path, broken: dict) -> No
 
 def test_compose_structure() -> None:
     services = _load_compose()["services"]
-    assert {"gateway", "redis", "postgres"} <= set(services)
+    assert {"gateway", "worker", "redis", "postgres"} <= set(services)
 
-    for name in ("gateway", "redis", "postgres"):
+    for name in ("gateway", "worker", "redis", "postgres"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
 
     gateway = services["gateway"]
     depends_on = gateway["depends_on"]
     assert isinstance(depends_on, dict), "depends_on must be the long form to carry a condition"
-    for dep in ("postgres", "redis"):
+    for dep in ("postgres", "redis", "worker"):
         assert depends_on[dep]["condition"] == "service_healthy"
+    assert "http://worker:8001" in gateway["command"]
+    assert services["worker"]["command"][:2] == ["policy-relay", "worker"]
 
     env = gateway["environment"]
     if isinstance(env, list):  # the KEY=VALUE list form is equally valid
@@ -93,9 +95,17 @@ def test_compose_structure() -> None:
     assert "curl" not in test_text and "/health" in test_text
 
 
-def test_dockerfile_runs_policy_relay_serve() -> None:
-    cmds = [line for line in DOCKERFILE.read_text().splitlines() if line.strip().upper().startswith("CMD ")]
-    assert len(cmds) == 1, cmds
-    argv = json.loads(cmds[0].strip()[len("CMD ") :])  # exec form, so signals reach the server directly
-    assert argv[:2] == ["policy-relay", "serve"]
-    assert "0.0.0.0" in argv
+def test_dockerfile_targets_run_the_gateway_and_the_worker() -> None:
+    """Each build target (the stages compose.yaml names) ends in an exec-form CMD starting the right process."""
+    stages: dict[str, list[str]] = {}
+    current = None
+    for line in DOCKERFILE.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"]:
+            current = words[-1] if "AS" in [w.upper() for w in words] else None
+        elif words[:1] == ["CMD"] and current:
+            stages[current] = json.loads(line.strip()[len("CMD "):])  # exec form: signals reach the server
+    assert stages["gateway"][:2] == ["policy-relay", "serve"] and "0.0.0.0" in stages["gateway"]
+    assert stages["worker"][:2] == ["policy-relay", "worker"] and "0.0.0.0" in stages["worker"]
+    targets = {name: svc["build"]["target"] for name, svc in _load_compose()["services"].items() if "build" in svc}
+    assert targets == {"gateway": "gateway", "worker": "worker"}
