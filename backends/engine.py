@@ -8,8 +8,10 @@ are padded to the batch's T (or the batch to theirs) and concatenated on the bat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
+import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from backends.sampler import SamplerStats, SamplingParams, logprobs, sample
 log = logging.getLogger("backends.engine")
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth its own forward
-MAX_CACHED_PREFIXES = 32
+MAX_CACHED_PREFIX_TOKENS = 8192  # bounds the prefix cache's memory (KV of this many tokens, all entries)
 
 
 @dataclass
@@ -115,13 +117,19 @@ class Engine:
                     self._decode_step()
             except Exception as exc:  # a failed step fails its requests, never the worker
                 log.exception("engine step failed")
+                failed = {id(row.req) for row in self._rows}
                 for row in self._rows:
                     self._emit(row.req, DoneEvent("error", len(row.output_ids), error=str(exc)))
+                for req in new:  # a prefill that failed before its rows joined the batch
+                    if id(req) not in failed:
+                        self._emit(req, DoneEvent("error", 0, error=str(exc)))
                 self._reset_batch()
 
     def _take_waiting(self, block: bool) -> list[GenRequest]:
         taken: list[GenRequest] = []
         budget = self.max_prefill_tokens
+        if len(self._rows) >= self.max_batch:
+            return taken
         try:
             item = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
         except queue.Empty:
@@ -152,6 +160,13 @@ class Engine:
         computed once, kept in a small cache, and only the rest of each prompt runs batched:
         row layout [shared prefix P][left padding][own suffix]."""
         dev = self.lm.device
+        generators = {}
+        for r in reqs:
+            gen = torch.Generator(device=dev)
+            # Any integer seed works (OpenAI's are int64, some clients send uint64); unseeded requests draw
+            # from the OS, not from the global torch RNG that model construction seeded.
+            gen.manual_seed(r.seed % 2**64 if r.seed is not None else secrets.randbits(63))
+            generators[id(r)] = gen
         shared = self._shared_prefix([r.prompt_ids for r in reqs])
         suffixes = [r.prompt_ids[len(shared):] for r in reqs]
         width = max(len(x) for x in suffixes)
@@ -168,11 +183,7 @@ class Engine:
             kv = [(k.expand(len(reqs), -1, -1, -1).contiguous(), v.expand(len(reqs), -1, -1, -1).contiguous())
                   for k, v in self._prefix_kv(shared)]
         logits, kv = self._forward(ids, mask, positions, kv)
-        rows = []
-        for r in reqs:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-            rows.append(_Row(r, gen, position=len(r.prompt_ids)))
+        rows = [_Row(r, generators[id(r)], position=len(r.prompt_ids)) for r in reqs]
         seen = torch.zeros(len(reqs), self._seen.shape[1], dtype=torch.bool, device=dev)
         for i, r in enumerate(reqs):
             seen[i, torch.tensor(r.prompt_ids, device=dev)] = True
@@ -193,7 +204,8 @@ class Engine:
             self._prefixes.move_to_end(best)
             if len(prompts) == 1 or common - len(best) < MIN_SHARED_PREFIX:
                 return best
-        return head if len(prompts) > 1 and common >= MIN_SHARED_PREFIX else ()
+        worth = len(prompts) > 1 and MIN_SHARED_PREFIX <= common <= MAX_CACHED_PREFIX_TOKENS // 4
+        return head if worth else ()
 
     def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """KV of a prefix ([1, H, P, D] per layer), computed alone and kept (LRU) for later prefills."""
@@ -202,7 +214,7 @@ class Engine:
             ones = torch.ones_like(ids)
             _, kv = self._forward(ids, ones, (ones.cumsum(-1) - 1), None)
             self._prefixes[prefix] = kv
-            while len(self._prefixes) > MAX_CACHED_PREFIXES:
+            while sum(map(len, self._prefixes)) > MAX_CACHED_PREFIX_TOKENS and len(self._prefixes) > 1:
                 self._prefixes.popitem(last=False)
         self._prefixes.move_to_end(prefix)
         return self._prefixes[prefix]
@@ -284,7 +296,7 @@ class Engine:
         row.sent_chars = max(row.sent_chars, safe)
         entry["text"] = tok.decode([entry["id"]])
         if "top" in entry:
-            entry["top"] = [(tok.decode([t]), v) for t, v in entry["top"]]
+            entry["top"] = [(t, tok.decode([t]), v) for t, v in entry["top"]]
         self._emit(req, TokenEvent(delta, [] if eos else [entry]))
         if finish is not None:
             self._emit(req, DoneEvent(finish, len(row.output_ids) + (1 if eos else 0)))
@@ -315,8 +327,9 @@ class Engine:
 
     @staticmethod
     def _emit(req: GenRequest, event: TokenEvent | DoneEvent) -> None:
-        if req.loop is not None and req.events is not None and not req.loop.is_closed():
-            req.loop.call_soon_threadsafe(req.events.put_nowait, event)
+        if req.loop is not None and req.events is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop closed: the worker is shutting down
+                req.loop.call_soon_threadsafe(req.events.put_nowait, event)
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -53,6 +53,16 @@ def _pick(body: dict[str, Any], defaults: dict[str, Any], key: str, neutral: Any
     return defaults.get(key, neutral)
 
 
+def _logit_bias(body: dict[str, Any], lm: LoadedModel) -> tuple[tuple[int, float], ...]:
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    bias = []
+    for token, value in (body.get("logit_bias") or {}).items():
+        if not token.isdigit() or int(token) >= vocab:
+            raise bad_request(f"logit_bias names {token!r}, which is not a token id of this model.", "logit_bias")
+        bias.append((int(token), float(value)))
+    return tuple(bias)
+
+
 def sampling(body: dict[str, Any], lm: LoadedModel) -> SamplingParams:
     d = lm.defaults
     temperature = float(_pick(body, d, "temperature", 1.0))
@@ -65,22 +75,29 @@ def sampling(body: dict[str, Any], lm: LoadedModel) -> SamplingParams:
         frequency_penalty=float(body.get("frequency_penalty") or 0.0),
         repetition_penalty=float(_pick(body, d, "repetition_penalty", 1.0)),
         do_sample=bool(_pick(body, d, "do_sample", True)),
+        logit_bias=_logit_bias(body, lm),
     )
 
 
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
-    return (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return tuple(s for s in ((stop,) if isinstance(stop, str) else (stop or ())) if s)  # "" stops nothing
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, list):  # content parts: the worker reads the text ones
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content or ""
+def _text(content: Any, index: int) -> str:
+    if not isinstance(content, list):
+        return content or ""
+    parts = []  # content parts: the worker reads the text ones
+    for j, part in enumerate(content):
+        text = part.get("text", "") if isinstance(part, dict) else None
+        if not isinstance(text, str):
+            raise bad_request("A text content part must carry a string `text`.", f"messages.{index}.content.{j}.text")
+        parts.append(text)
+    return "".join(parts)
 
 
 def chat_plan(body: dict[str, Any], lm: LoadedModel) -> Plan:
-    messages = [{**m, "content": _text(m.get("content"))} for m in body["messages"]]
+    messages = [{**m, "content": _text(m.get("content"), i)} for i, m in enumerate(body["messages"])]
     try:
         ids = lm.tokenizer.apply_chat_template(messages, tools=body.get("tools"), add_generation_prompt=True,
                                                tokenize=True, return_dict=False)
@@ -99,6 +116,8 @@ def completion_plan(body: dict[str, Any], lm: LoadedModel) -> Plan:
         raise bad_request("echo is not supported by this worker.", "echo")
     if body.get("suffix"):
         raise bad_request("suffix is not supported by this worker.", "suffix")
+    if (body.get("best_of") or 1) > (body.get("n") or 1):
+        raise bad_request("best_of is not supported by this worker.", "best_of")
     prompt = body["prompt"]
     if isinstance(prompt, str):
         prompts = [lm.tokenizer.encode(prompt)]
@@ -111,15 +130,15 @@ def completion_plan(body: dict[str, Any], lm: LoadedModel) -> Plan:
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     if any(not p for p in prompts) or any(t < 0 or t >= vocab for p in prompts for t in p):
         raise bad_request("The prompt is empty or holds token ids outside the vocabulary.", "prompt")
-    return _plan(body, lm, prompts, body.get("logprobs"), body.get("max_tokens"))
+    return _plan(body, lm, prompts, body.get("logprobs"), body.get("max_tokens"), "prompt")
 
 
 def _plan(body: dict[str, Any], lm: LoadedModel, prompts: list[list[int]], top_logprobs: int | None,
-          max_tokens: int | None) -> Plan:
+          max_tokens: int | None, prompt_param: str = "messages") -> Plan:
     longest = max(len(p) for p in prompts)
     if longest >= lm.context_length:
         raise bad_request(f"This model's maximum context length is {lm.context_length} tokens; the prompt has "
-                          f"{longest}.", "messages", "context_length_exceeded")
+                          f"{longest}.", prompt_param, "context_length_exceeded")
     return Plan(prompts=prompts, params=sampling(body, lm), max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
                 stop=_stops(body), top_logprobs=top_logprobs, seed=body.get("seed"), n=body.get("n") or 1,
                 token_ids=bool(body.get("return_tokens_as_token_ids")))

@@ -23,6 +23,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     do_sample: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's logit_bias: (token id, bias in [-100, 100])
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +82,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            counts: torch.Tensor, seen: torch.Tensor, stats: SamplerStats | None = None) -> torch.Tensor:
     """Next token per row: [B] int64."""
     logits = apply_penalties(sanitise(logits.float(), stats), counts, seen, params)
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=logits.device)
+            logits[i, ids] += torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype, device=logits.device)
+    # Penalties and biases can push a repaired extreme back to inf (a repetition penalty < 1 on the largest
+    # float) or to NaN (-inf * 0): repair again, uncounted, right before sampling.
+    logits = sanitise(logits)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for i, p in enumerate(params):
         row = logits[i]

@@ -24,15 +24,16 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
-def _name(token: dict[str, Any], as_ids: bool) -> str:
-    return f"token_id:{token['id']}" if as_ids else token["text"]
+def _name(token_id: int, text: str, as_ids: bool) -> str:
+    return f"token_id:{token_id}" if as_ids else text
 
 
 def _chat_logprobs(tokens: list[dict[str, Any]], as_ids: bool) -> list[dict[str, Any]]:
-    def one(text: str, lp: float) -> dict[str, Any]:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    def one(token_id: int, text: str, lp: float) -> dict[str, Any]:
+        name = _name(token_id, text, as_ids)
+        return {"token": name, "logprob": lp, "bytes": list(name.encode())}
 
-    return [{**one(_name(t, as_ids), t["logprob"]), "top_logprobs": [one(x, v) for x, v in t.get("top", [])]}
+    return [{**one(t["id"], t["text"], t["logprob"]), "top_logprobs": [one(*alt) for alt in t.get("top", [])]}
             for t in tokens if "logprob" in t]
 
 
@@ -41,9 +42,9 @@ def _completion_logprobs(tokens: list[dict[str, Any]], offset: int, as_ids: bool
     for t in tokens:
         if "logprob" not in t:
             continue
-        out["tokens"].append(_name(t, as_ids))
+        out["tokens"].append(_name(t["id"], t["text"], as_ids))
         out["token_logprobs"].append(t["logprob"])
-        out["top_logprobs"].append(dict(t.get("top", [])))
+        out["top_logprobs"].append({_name(i, x, as_ids): v for i, x, v in t.get("top", [])})
         out["text_offset"].append(offset)
         offset += len(t["text"])
     return out
@@ -65,13 +66,18 @@ class Worker:
         """Run one request to the end; cancels it if the client goes away."""
         events = self.engine.submit(req)
         text, tokens = [], []
+        checked = time.monotonic()
         while True:
             try:
-                event = await asyncio.wait_for(events.get(), timeout=1.0)
+                event = await asyncio.wait_for(events.get(), timeout=0.5)
             except TimeoutError:
+                event = None
+            if time.monotonic() - checked >= 0.5:  # also while tokens flow: a long answer is still cancelled
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     req.cancelled = True
-                    raise asyncio.CancelledError from None
+                    raise RelayError(499, "The client closed the request.", "invalid_request_error")
+            if event is None:
                 continue
             if isinstance(event, DoneEvent):
                 return "".join(text), tokens, event
@@ -138,7 +144,7 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
                                      media_type="text/event-stream")
         try:
             results = await asyncio.gather(*(worker.collect(r, request) for r in reqs))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, RelayError):
             for r in reqs:
                 r.cancelled = True
             raise
@@ -185,9 +191,11 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
             else:
                 choice = {"index": index, "text": delta_text or "", "finish_reason": finish}
                 if tokens and reqs[index].top_logprobs is not None:
-                    choice["logprobs"] = _completion_logprobs(tokens, 0, as_ids)
+                    choice["logprobs"] = _completion_logprobs(tokens, offsets[index], as_ids)
+                    offsets[index] += sum(len(t["text"]) for t in tokens)
             return b"data: " + orjson.dumps({**head, "object": obj, "choices": [choice]}) + b"\n\n"
 
+        offsets = [0] * len(reqs)  # text_offset of each completion choice's next token
         pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
         completion_tokens, open_choices = 0, len(reqs)
         try:

@@ -226,3 +226,60 @@ def test_nan_logits_are_sanitised(lm):
 def test_unknown_model_is_404(worker):
     answer = httpx.post(worker.url + "/v1/chat/completions", json={"model": "nope", "messages": ASK}, timeout=30)
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("body", [
+    {"seed": 2**64 - 1, "n": 2}, {"seed": -(2**63)}, {"stop": ""}, {"stop": ["", "zz"]},
+    {"repetition_penalty": 1e-40, "temperature": 1}, {"repetition_penalty": 10, "frequency_penalty": -2},
+    {"logit_bias": {"0": 100, "1": -100}}, {"min_p": 1, "top_k": 1, "temperature": 2},
+])
+def test_edge_values_answer_and_never_poison_the_batch(worker, body):
+    """Odd but valid values answer 200 while another request decodes in the same batch, which also answers."""
+    with ThreadPoolExecutor(2) as pool:
+        neighbour = pool.submit(httpx.post, worker.url + "/v1/chat/completions", timeout=60,
+                                json={"model": MODEL, "messages": ASK, "max_tokens": 40})
+        time.sleep(0.05)
+        answer = httpx.post(worker.url + "/v1/chat/completions", timeout=60,
+                            json={"model": MODEL, "messages": ASK, "max_tokens": 8, **body})
+        assert answer.status_code == 200, answer.text
+        assert neighbour.result().status_code == 200
+
+
+def test_logit_bias_steers_greedy_decoding(client):
+    answer = _chat(client, temperature=0, max_tokens=4, logit_bias={"9707": 100})
+    assert answer.choices[0].message.content == "Hello" * 4
+
+
+def test_non_streamed_disconnect_cancels_generation(worker):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(worker.url + "/v1/chat/completions", timeout=1.0,
+                   json={"model": MODEL, "messages": ASK, "max_tokens": 3000})
+    deadline = time.time() + 10
+    while _active(worker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _active(worker) == 0
+
+
+def test_max_batch_is_enforced(lm):
+    import asyncio
+
+    from backends.engine import DoneEvent, Engine, GenRequest
+    from backends.sampler import SamplingParams
+
+    engine = Engine(lm, max_batch=2)
+    engine.start()
+    prompt = list(lm.tokenizer.encode("hello there"))
+    peak = 0
+
+    async def run() -> None:
+        nonlocal peak
+        queues = [engine.submit(GenRequest(prompt, SamplingParams(), max_tokens=20)) for _ in range(6)]
+        for q in queues:
+            while not isinstance(await q.get(), DoneEvent):
+                peak = max(peak, engine.active)
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.stop()
+    assert 1 <= peak <= 2
