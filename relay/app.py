@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from admin import channels as admin_channels
 from admin import keys as admin_keys
+from admin import policies as admin_policies
 from admin import tenants as admin_tenants
 from admin import usage as admin_usage
 from channels.litellm_base import warm_up
@@ -63,6 +64,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     install_handlers(app)
     app.include_router(openai_router)
-    for module in (admin_tenants, admin_keys, admin_channels, admin_usage):
+    for module in (admin_tenants, admin_keys, admin_channels, admin_policies, admin_usage):
         app.include_router(module.router)
     return app

@@ -18,6 +18,8 @@ from channels.base import Channel, ChannelConfig
 from channels.registry import build
 from relay.models import ApiKey, ModelPolicy, Tenant
 from relay.models import Channel as ChannelRow
+from relay.policy import PolicyInfo
+from relay.policy_rules import Rules
 
 log = logging.getLogger("relay.catalog")
 
@@ -53,6 +55,7 @@ class Snapshot:
     channels: dict[int, Channel] = field(default_factory=dict)
     # requested model name -> enabled channels serving it
     channels_by_model: dict[str, list[Channel]] = field(default_factory=dict)
+    policies: list[PolicyInfo] = field(default_factory=list)  # enabled model policies
 
 
 def _key_info(row: ApiKey) -> KeyInfo:
@@ -88,6 +91,13 @@ def load_snapshot(engine: Engine) -> Snapshot:
             snap.channels[c.id] = channel
             for model in channel.config.models:
                 snap.channels_by_model.setdefault(model, []).append(channel)
+        for p in s.exec(select(ModelPolicy).where(ModelPolicy.enabled.is_(True))).scalars():
+            try:
+                rules = Rules.model_validate(p.rules)
+            except ValueError as exc:  # written around the admin API: skip it, keep serving
+                log.error("policy %s has invalid rules and is ignored: %s", p.id, exc)
+                continue
+            snap.policies.append(PolicyInfo(p.id, p.version, p.model_pattern, p.tenant_id, p.priority, rules))
     return snap
 
 

@@ -15,7 +15,7 @@ from channels.base import Channel, UpstreamError
 from relay.auth import Principal, check_model, check_quota
 from relay.catalog import Catalog
 from relay.errors import RelayError, not_found
-from relay.policy import PolicyOutcome, apply_policy
+from relay.policy import PolicyOutcome, apply_policy, cooler, json_answer_ok, wants_json_retry
 from relay.routing import candidates
 from relay.usage import UsageRecorder, clamp_tokens
 
@@ -41,6 +41,7 @@ class RelayCall:
     body: dict[str, Any]
     principal: Principal
     started: float = field(default_factory=time.perf_counter)
+    task_header: str | None = None  # X-Relay-Task
 
 
 @dataclass
@@ -72,7 +73,8 @@ class Pipeline:
             model = call.body["model"]
             check_model(call.principal, model)
             check_quota(call.principal, self.usage)
-            attempt.outcome = apply_policy(call.endpoint, call.body, call.principal.tenant.id)
+            attempt.outcome = apply_policy(self.catalog.snapshot.policies, call.body, call.principal.tenant.id,
+                                           call.task_header)
             channels = self.catalog.snapshot.channels_by_model.get(model)
             if not channels:
                 raise not_found(f"The model `{model}` does not exist or you do not have access to it.",
@@ -105,6 +107,30 @@ class Pipeline:
         return request
 
     async def _complete(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
+        response = await self._call_channels(attempt, channels)
+        usage = clean_usage(response.get("usage"))
+        headers: dict[str, str] = {}
+        if attempt.call.endpoint == "chat" and wants_json_retry(attempt.outcome):
+            # response_format asks for JSON: a malformed answer is retried cooler, down to greedy.
+            retry = attempt.outcome.rules.json_retry  # type: ignore[union-attr]
+            tries = 1
+            while not json_answer_ok(response, attempt.outcome.request) and tries <= retry.attempts:
+                attempt.outcome = cooler(attempt.outcome, tries)
+                response = await self._call_channels(attempt, channels)
+                again = clean_usage(response.get("usage"))
+                usage = {k: usage[k] + again[k] for k in EMPTY_USAGE}  # every attempt was paid for
+                tries += 1
+            headers["X-Relay-Json-Attempts"] = str(tries)
+        response["model"] = attempt.call.body["model"]
+        response["usage"] = usage
+        headers.update(self._headers(attempt))
+        total_ms = self._log(attempt, 200, usage=usage)
+        headers["Server-Timing"] = (f"upstream;dur={attempt.upstream_ms:.3f}, "
+                                    f"relay;dur={total_ms - attempt.upstream_ms:.3f}")
+        return RelayResult(headers=headers, body=response)
+
+    async def _call_channels(self, attempt: _Attempt, channels: list[Channel]) -> dict[str, Any]:
+        """The first channel that answers; retryable failures move on to the next one."""
         last: UpstreamError | None = None
         for channel in channels:
             attempt.channel = channel
@@ -112,24 +138,15 @@ class Pipeline:
             t0 = time.perf_counter()
             try:
                 if attempt.call.endpoint == "chat":
-                    response = await channel.chat(request)
-                else:
-                    response = await channel.completion(request)
+                    return await channel.chat(request)
+                return await channel.completion(request)
             except UpstreamError as exc:
-                attempt.upstream_ms += (time.perf_counter() - t0) * 1000
                 last = exc
-                if exc.retryable:
-                    log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
-                    continue
-                break
-            attempt.upstream_ms += (time.perf_counter() - t0) * 1000
-            response["model"] = attempt.call.body["model"]
-            usage = response["usage"] = clean_usage(response.get("usage"))
-            headers = self._headers(attempt)
-            total_ms = self._log(attempt, 200, usage=usage)
-            headers["Server-Timing"] = (f"upstream;dur={attempt.upstream_ms:.3f}, "
-                                        f"relay;dur={total_ms - attempt.upstream_ms:.3f}")
-            return RelayResult(headers=headers, body=response)
+                if not exc.retryable:
+                    break
+                log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
+            finally:
+                attempt.upstream_ms += (time.perf_counter() - t0) * 1000
         assert last is not None
         raise _client_error(last)
 

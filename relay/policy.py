@@ -1,13 +1,38 @@
-"""The policy stage: matches a model policy and rewrites the request.
+"""The policy stage: match the model policy for (model, tenant), then rewrite the request by its rules.
 
-Policy matching and rewriting arrive with the policy issue; until then no policy matches and every
-request passes through untouched, which is exactly what the pipeline expects from a model without a
-policy."""
+Bounds clamp what the client sent, defaults fill only what it left out (a missing temperature counts as
+left out: older ONE API versions drop `temperature: 0`), a temperature below `greedy_below` becomes
+greedy in the channel's way, and every change is a rewrite record {param, from, to, rule}."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
+
+import jsonschema
+
+from relay.policy_rules import Bound, Rules
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    id: int
+    version: int
+    model_pattern: str
+    tenant_id: int | None
+    priority: int
+    rules: Rules
+
+    @property
+    def ref(self) -> str:
+        return f"{self.id}@{self.version}"
+
+    @property
+    def specificity(self) -> int:
+        return sum(ch not in "*?[]" for ch in self.model_pattern)
 
 
 @dataclass(frozen=True)
@@ -15,12 +40,184 @@ class PolicyOutcome:
     request: dict[str, Any]
     rewrites: list[dict[str, Any]] = field(default_factory=list)
     ref: str | None = None  # "id@version" of the matched policy
+    rules: Rules | None = None
+    task: str | None = None
 
     def rewrites_header(self) -> str:
         if not self.rewrites:
             return "none"
-        return ";".join(f"{r['param']}:{r['from']}->{r['to']}" for r in self.rewrites)
+        return ";".join(f"{r['param']}:{_show(r['from'])}->{_show(r['to'])}" for r in self.rewrites)
 
 
-def apply_policy(endpoint: str, request: dict[str, Any], tenant_id: int) -> PolicyOutcome:
-    return PolicyOutcome(request)
+def _show(value: Any) -> str:
+    return "unset" if value is None else str(value)
+
+
+def match(policies: list[PolicyInfo], model: str, tenant_id: int | None) -> PolicyInfo | None:
+    """A tenant's policy beats a global one; then the higher priority; then the more specific pattern."""
+    found = [p for p in policies if (p.tenant_id is None or p.tenant_id == tenant_id)
+             and fnmatchcase(model, p.model_pattern)]
+    if not found:
+        return None
+    return min(found, key=lambda p: (p.tenant_id is None, -p.priority, -p.specificity, p.id))
+
+
+def detect_task(request: dict[str, Any], header: str | None) -> str:
+    metadata = request.get("metadata")
+    explicit = header or (metadata.get("task") if isinstance(metadata, dict) else None)
+    if isinstance(explicit, str) and explicit.strip():
+        return explicit.strip().lower()
+    response_format = request.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        return "json"
+    if request.get("tools") or request.get("functions"):
+        return "tools"
+    return "chat"
+
+
+class _Rewriter:
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.request = dict(request)
+        self.rewrites: list[dict[str, Any]] = []
+
+    def set(self, param: str, value: Any, rule: str) -> None:
+        before = self.request.get(param)
+        if before == value and (param in self.request) == (value is not None):
+            return
+        if value is None:
+            self.request.pop(param, None)
+        else:
+            self.request[param] = value
+        self.rewrites.append({"param": param, "from": before, "to": value, "rule": rule})
+
+    def bound(self, param: str, rule: Bound | None, default: float | None = None, default_rule: str = "") -> None:
+        """Clamp a sent value into the bounds, or fill in the default when the client sent none."""
+        if rule is None:
+            return
+        value = self.request.get(param)
+        if value is None:
+            fill = default if default is not None else rule.default
+            if fill is not None:
+                self.set(param, fill, default_rule or f"{param}.default")
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            # NaN, inf or a non-number can come from an SDK or a gateway that skipped validation.
+            if value == math.inf and rule.max is not None:
+                self.set(param, rule.max, f"{param}.max")
+            elif value == -math.inf and rule.min is not None:
+                self.set(param, rule.min, f"{param}.min")
+            else:
+                fill = default if default is not None else rule.default
+                fallback = next((v for v in (fill, rule.min, rule.max) if v is not None), None)
+                self.set(param, fallback, f"{param}.invalid")
+            return
+        if rule.min is not None and value < rule.min:
+            self.set(param, rule.min, f"{param}.min")
+        elif rule.max is not None and value > rule.max:
+            self.set(param, rule.max, f"{param}.max")
+
+
+def rewrite(rules: Rules, request: dict[str, Any], task: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    w = _Rewriter(request)
+    for param in rules.drop:
+        if param in w.request:
+            w.set(param, None, "drop")
+    t = rules.temperature
+    if t is not None:
+        sent = w.request.get("temperature")
+        numeric = isinstance(sent, int | float) and not isinstance(sent, bool) and not math.isnan(sent)
+        if numeric and t.greedy_below is not None and sent < t.greedy_below:
+            _greedy(w, rules, sent)
+        else:
+            by_task = t.by_task.get(task)  # type: ignore[call-overload]
+            w.bound("temperature", t, by_task, f"temperature.by_task.{task}" if by_task is not None else "")
+    w.bound("top_p", rules.top_p)
+    if rules.top_k is not None:
+        k = rules.top_k
+        value = w.request.get("top_k")
+        if value is None or value <= 0:  # unset, or 0/-1 meaning "off" at vLLM
+            if k.default is not None:
+                w.set("top_k", k.default, "top_k.default")
+        elif k.min is not None and value < k.min:
+            w.set("top_k", k.min, "top_k.min")
+        elif k.max is not None and value > k.max:
+            w.set("top_k", k.max, "top_k.max")
+    w.bound("frequency_penalty", rules.frequency_penalty)
+    w.bound("presence_penalty", rules.presence_penalty)
+    if rules.max_tokens is not None:
+        m = rules.max_tokens
+        for param in ("max_tokens", "max_completion_tokens"):
+            value = w.request.get(param)
+            if value is not None and m.max is not None and value > m.max:
+                w.set(param, m.max, f"{param}.max")
+        if m.default is not None and w.request.get("max_tokens") is None \
+                and w.request.get("max_completion_tokens") is None:
+            w.set("max_tokens", m.default, "max_tokens.default")
+    if rules.seed is not None and rules.seed.default is not None and w.request.get("seed") is None:
+        w.set("seed", rules.seed.default, "seed.default")
+    return w.request, w.rewrites
+
+
+def _greedy(w: _Rewriter, rules: Rules, sent: float) -> None:
+    if rules.greedy_as == "top_k_one":
+        # Qwen's own answer to low temperatures: keep a harmless temperature, take the top token.
+        t = rules.temperature
+        safe = (t.default if t and t.default is not None else None) or (t.min if t and t.min else None) or 1.0
+        w.set("temperature", safe, "temperature.greedy_below")
+        w.set("top_k", 1, "greedy_as.top_k_one")
+    else:
+        w.set("temperature", 0, "temperature.greedy_below")
+
+
+def apply_policy(policies: list[PolicyInfo], request: dict[str, Any], tenant_id: int | None,
+                 task_header: str | None = None) -> PolicyOutcome:
+    policy = match(policies, request["model"], tenant_id)
+    if policy is None:
+        return PolicyOutcome(request)
+    task = detect_task(request, task_header)
+    rewritten, rewrites = rewrite(policy.rules, request, task)
+    return PolicyOutcome(rewritten, rewrites, policy.ref, policy.rules, task)
+
+
+def cooler(outcome: PolicyOutcome, attempt: int) -> PolicyOutcome:
+    """The JSON-retry rewrite: the same request, `temperature_step` cooler, greedy once it falls below
+    `greedy_below` (or to 0)."""
+    rules = outcome.rules
+    assert rules is not None and rules.json_retry is not None
+    t = rules.temperature
+    current = outcome.request.get("temperature")
+    if current is None:
+        current = t.default if t and t.default is not None else 1.0
+    target = round(current + rules.json_retry.temperature_step, 6)
+    w = _Rewriter(outcome.request)
+    if target <= (t.greedy_below if t and t.greedy_below is not None else 0) or target <= 0:
+        _greedy(w, rules, target)
+    else:
+        w.set("temperature", target, f"json_retry.{attempt}")
+    for r in w.rewrites:
+        r["rule"] = f"json_retry.{attempt}"
+    return PolicyOutcome(w.request, outcome.rewrites + w.rewrites, outcome.ref, rules, outcome.task)
+
+
+def wants_json_retry(outcome: PolicyOutcome) -> bool:
+    rules = outcome.rules
+    fmt = outcome.request.get("response_format")
+    return (rules is not None and rules.json_retry is not None and rules.json_retry.attempts > 0
+            and isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"))
+
+
+def json_answer_ok(response: dict[str, Any], request: dict[str, Any]) -> bool:
+    """The first choice's content parses as JSON (and matches the json_schema, when one was given)."""
+    try:
+        content = response["choices"][0]["message"]["content"]
+        data = json.loads(content)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return False
+    fmt = request.get("response_format") or {}
+    schema = (fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None
+    if schema:
+        try:
+            jsonschema.validate(data, schema)
+        except (jsonschema.ValidationError, jsonschema.SchemaError):
+            return False
+    return True

@@ -3,7 +3,8 @@
 It stands in for a remote provider (the one thing we do not control). It records every body it
 receives, so tests can assert what reached the upstream. Behaviour is chosen by the upstream model
 name: `fail-<status>[-credit]` answers that HTTP status (with a provider message about credit balance),
-`huge-usage` reports absurd token counts, anything else answers "Hello from <model>".
+`huge-usage` reports absurd token counts, `json-by-temperature` answers broken JSON above temperature 0.5
+(or with none) and valid JSON at or below it, anything else answers "Hello from <model>".
 
 Run alone: python -m tests.fake_upstream --port 9101 [--delay-ms 50]"""
 
@@ -26,7 +27,10 @@ class FakeUpstream:
         self.api_key = api_key
         self.calls: list[dict[str, Any]] = []  # {"path", "body", "authorization"}
 
-    def reply_text(self, model: str) -> str:
+    def reply_text(self, model: str, body: dict[str, Any]) -> str:
+        if model == "json-by-temperature":
+            hot = body.get("temperature") is None or body["temperature"] > 0.5
+            return '{"answer": "broken' if hot else '{"answer": 42}'
         return f"Hello from {model}"
 
     async def __call__(self, scope, receive, send) -> None:
@@ -59,7 +63,7 @@ class FakeUpstream:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         chat = path.endswith("/chat/completions")
-        text = self.reply_text(model)
+        text = self.reply_text(model, body)
         words = [w + " " for w in text.split(" ")]
         words[-1] = words[-1].rstrip()
         usage = {"prompt_tokens": _count_prompt(body), "completion_tokens": len(words)}
