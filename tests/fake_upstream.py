@@ -34,32 +34,24 @@ class FakeUpstream:
         return f"Hello from {model}"
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        raw = await read_body(scope, receive, send)
+        if raw is None:
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         path = scope["path"]
         if path.endswith("/models"):
-            return await _json(send, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            return await send_json(send, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
         body = json.loads(raw or b"{}")
         if self.record:
             self.calls.append({"path": path, "body": body,
                                "authorization": headers.get("authorization")})
         if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
-            return await _json(send, 401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
+            return await send_json(send, 401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
         model = body.get("model", "")
         if model.startswith("fail-"):
             status = int(model.split("-")[1])
             message = "Your credit balance is too low" if model.endswith("-credit") else f"failing with {status}"
-            return await _json(send, status, {"error": {"message": message, "type": "server_error", "code": None}})
+            return await send_json(send, status, {"error": {"message": message, "type": "server_error", "code": None}})
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         chat = path.endswith("/chat/completions")
@@ -91,7 +83,22 @@ class FakeUpstream:
                       "logprobs": None}
         else:
             choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
-        await _json(send, 200, {**base, "object": _obj(chat, False), "choices": [choice], "usage": usage})
+        await send_json(send, 200, {**base, "object": _obj(chat, False), "choices": [choice], "usage": usage})
+
+
+async def read_body(scope, receive, send) -> bytes | None:
+    """The request body of a raw ASGI app; None for the lifespan protocol, which it answers."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return None
+    raw = b""
+    while True:
+        message = await receive()
+        raw += message.get("body", b"")
+        if not message.get("more_body"):
+            return raw
 
 
 def _obj(chat: bool, stream: bool) -> str:
@@ -106,7 +113,7 @@ def _count_prompt(body: dict[str, Any]) -> int:
     return len(str(body.get("prompt", "")).split())
 
 
-async def _json(send, status: int, payload: dict[str, Any]) -> None:
+async def send_json(send, status: int, payload: dict[str, Any]) -> None:
     data = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json")]})

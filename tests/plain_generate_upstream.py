@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from backends.loading import LoadedModel
+from tests.fake_upstream import read_body, send_json
 
 
 class PlainGenerateUpstream:
@@ -39,24 +40,13 @@ class PlainGenerateUpstream:
                     "role": "assistant", "content": tok.decode(new, skip_special_tokens=True)}}], "usage": usage}
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        raw = await read_body(scope, receive, send)
+        if raw is None:
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         body = json.loads(raw)
         self.bodies.append(body)
         try:
             status, payload = 200, await asyncio.to_thread(self._generate, body)
         except Exception as exc:  # what a naive server does: the sampler's error becomes a 500
             status, payload = 500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}}
-        data = json.dumps(payload).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": data})
+        await send_json(send, status, payload)
