@@ -34,7 +34,8 @@ async def _relay(request: Request, endpoint: str, schema) -> Response:
     except RelayError as exc:
         _pipeline(request).reject(RelayCall(endpoint, {"model": "(invalid request)"}, principal, started), exc)
         raise
-    call = RelayCall(endpoint, body, principal, started, request.headers.get("x-relay-task"))
+    call = RelayCall(endpoint, body, principal, started, request.headers.get("x-relay-task"),
+                     request.headers.get("cache-control"))
     result = await _pipeline(request).run(call)
     if result.stream is not None:
         return StreamingResponse(result.stream, media_type="text/event-stream",

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
+from admin import cache as admin_cache
 from admin import channels as admin_channels
 from admin import keys as admin_keys
 from admin import policies as admin_policies
@@ -19,6 +20,7 @@ from admin import usage as admin_usage
 from channels.litellm_base import warm_up
 from relay import __version__
 from relay.api import router as openai_router
+from relay.cache import ResponseCache
 from relay.catalog import Catalog
 from relay.db import make_engine
 from relay.errors import install_handlers
@@ -27,6 +29,15 @@ from relay.settings import Settings
 from relay.usage import UsageRecorder
 
 log = logging.getLogger("relay")
+
+
+async def _every(interval_s: float, job) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await job()
+        except Exception as exc:  # a background chore must never stop repeating
+            log.warning("%s failed: %s", getattr(job, "__name__", job), exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -44,10 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                f"(RELAY_DATABASE_URL={settings.database_url}).") from exc
         await usage.flush()  # loads the current token totals
         await warm_up()
-        app.state.engine, app.state.catalog, app.state.usage = engine, catalog, usage
-        app.state.pipeline = Pipeline(catalog, usage)
+        cache = ResponseCache(settings.redis_url)
+        app.state.engine, app.state.catalog, app.state.usage, app.state.cache = engine, catalog, usage, cache
+        app.state.pipeline = Pipeline(catalog, usage, cache)
         tasks = [asyncio.create_task(catalog.poll_forever(settings.config_poll_s)),
-                 asyncio.create_task(usage.flush_forever(settings.log_flush_s))]
+                 asyncio.create_task(usage.flush_forever(settings.log_flush_s)),
+                 asyncio.create_task(_every(settings.log_flush_s, cache.flush_stats))]
         app.state.ready = True
         try:
             yield
@@ -57,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await usage.flush()
+            await cache.flush_stats()
+            await cache.close()
             engine.dispose()
 
     app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan)
@@ -64,6 +79,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     install_handlers(app)
     app.include_router(openai_router)
-    for module in (admin_tenants, admin_keys, admin_channels, admin_policies, admin_usage):
+    for module in (admin_tenants, admin_keys, admin_channels, admin_policies, admin_cache, admin_usage):
         app.include_router(module.router)
     return app

@@ -3,6 +3,8 @@ The HTTP layer (relay.api) parses and authenticates; this module never reaches b
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +15,8 @@ import orjson
 
 from channels.base import Channel, UpstreamError
 from relay.auth import Principal, check_model, check_quota
+from relay.cache import CachePlan, ResponseCache, StreamAssembler, replay_chunks, replay_response, stored_from_response
+from relay.cache import plan as cache_plan
 from relay.catalog import Catalog
 from relay.errors import RelayError, not_found
 from relay.policy import PolicyOutcome, apply_policy, cooler, json_answer_ok, wants_json_retry
@@ -42,6 +46,7 @@ class RelayCall:
     principal: Principal
     started: float = field(default_factory=time.perf_counter)
     task_header: str | None = None  # X-Relay-Task
+    cache_control: str | None = None  # Cache-Control: no-cache skips the lookup, no-store the store
 
 
 @dataclass
@@ -60,12 +65,17 @@ class _Attempt:
     channel: Channel | None = None
     upstream_model: str | None = None
     upstream_ms: float = 0.0
+    cache: str = "bypass"  # hit | miss | bypass
+    # a cacheable miss: where to store the answer, and the single-flight lock to release afterwards
+    store: CachePlan | None = None
+    lock: str | None = None
 
 
 class Pipeline:
-    def __init__(self, catalog: Catalog, usage: UsageRecorder) -> None:
+    def __init__(self, catalog: Catalog, usage: UsageRecorder, cache: ResponseCache) -> None:
         self.catalog = catalog
         self.usage = usage
+        self.cache = cache
 
     async def run(self, call: RelayCall) -> RelayResult:
         attempt = _Attempt(call, PolicyOutcome(call.body))
@@ -79,12 +89,69 @@ class Pipeline:
             if not channels:
                 raise not_found(f"The model `{model}` does not exist or you do not have access to it.",
                                 "model", "model_not_found")
+            ordered = candidates(channels)
+            cacheable = cache_plan(call.endpoint, attempt.outcome, call.principal.tenant.id, ordered,
+                                   call.cache_control) if self.cache.enabled else None
+            if cacheable is not None:
+                stored = await self._lookup(attempt, cacheable)
+                if stored is not None:
+                    return self._hit(attempt, stored)
             if attempt.outcome.request.get("stream"):
-                return await self._stream(attempt, candidates(channels))
-            return await self._complete(attempt, candidates(channels))
+                return await self._stream(attempt, ordered)
+            return await self._complete(attempt, ordered)
         except RelayError as exc:
+            await self._release(attempt)
             self._log(attempt, exc.status, error_type=exc.code or exc.type)
             raise
+
+    # --- cache ----------------------------------------------------------------------------------------
+
+    async def _lookup(self, attempt: _Attempt, p: CachePlan) -> dict[str, Any] | None:
+        """A stored answer, or None with the attempt set up as a miss (owning the single-flight lock)."""
+        if p.lookup:
+            stored = await self.cache.get(p.key)
+            if stored is not None:
+                return stored
+        if p.store:
+            lock_s = max((c.config.timeout_s for c in self.catalog.snapshot.channels_by_model.get(p.model, [])),
+                         default=60.0) + 5
+            attempt.lock = await self.cache.acquire(p.key, lock_s)
+            if attempt.lock is None and p.lookup and self.cache.enabled:
+                # An identical request is being answered right now: take its answer instead of a second call.
+                stored = await self.cache.wait_for(p.key, lock_s)
+                if stored is not None:
+                    return stored
+                attempt.lock = await self.cache.acquire(p.key, lock_s)
+            attempt.store = p if attempt.lock is not None else None
+        attempt.cache = "miss" if self.cache.enabled else "bypass"
+        return None
+
+    def _hit(self, attempt: _Attempt, stored: dict[str, Any]) -> RelayResult:
+        attempt.cache = "hit"
+        usage = stored["usage"]
+        headers = self._headers(attempt)
+        self._log(attempt, 200, usage=usage)
+        model, body = attempt.call.body["model"], attempt.call.body
+        if not body.get("stream"):
+            return RelayResult(headers=headers, body=replay_response(stored, model))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def replay() -> AsyncIterator[bytes]:
+            for chunk in replay_chunks(stored, model, include_usage):
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return RelayResult(headers=headers, stream=replay())
+
+    async def _store(self, attempt: _Attempt, stored: dict[str, Any] | None) -> None:
+        if attempt.store is not None and stored is not None:
+            await self.cache.put(attempt.store, stored)
+        await self._release(attempt)
+
+    async def _release(self, attempt: _Attempt) -> None:
+        if attempt.store is not None and attempt.lock is not None:
+            await self.cache.release(attempt.store.key, attempt.lock)
+            attempt.lock = None
 
     def reject(self, call: RelayCall, error: RelayError) -> None:
         """Logs a request refused before it reached the pipeline (an invalid body from a valid key)."""
@@ -93,7 +160,7 @@ class Pipeline:
     def _headers(self, attempt: _Attempt) -> dict[str, str]:
         headers = {"X-Relay-Policy": attempt.outcome.ref or "none",
                    "X-Relay-Rewrites": attempt.outcome.rewrites_header(),
-                   "X-Relay-Cache": "bypass"}
+                   "X-Relay-Cache": attempt.cache}
         if attempt.channel is not None:
             headers["X-Relay-Channel"] = attempt.channel.config.name
         return headers
@@ -123,6 +190,7 @@ class Pipeline:
             headers["X-Relay-Json-Attempts"] = str(tries)
         response["model"] = attempt.call.body["model"]
         response["usage"] = usage
+        await self._store(attempt, stored_from_response(attempt.call.endpoint, response, usage))
         headers.update(self._headers(attempt))
         total_ms = self._log(attempt, 200, usage=usage)
         headers["Server-Timing"] = (f"upstream;dur={attempt.upstream_ms:.3f}, "
@@ -181,9 +249,12 @@ class Pipeline:
         usage: dict[str, Any] | None = None
         content_chunks = 0  # a stand-in for completion tokens when the stream ends without usage
         status, error_type = 200, None
+        assembler = StreamAssembler(attempt.call.endpoint) if attempt.store is not None else None
         try:
             chunk = first
             while chunk is not None:
+                if assembler is not None:
+                    assembler.add(chunk)
                 if any(c.get("delta", {}).get("content") or c.get("text") for c in chunk.get("choices", [])):
                     content_chunks += 1
                 if chunk.get("usage"):
@@ -210,6 +281,9 @@ class Pipeline:
             raise
         finally:
             await chunks.aclose()
+            complete = status == 200 and assembler is not None
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # the cache never fails a stream
+                await self._store(attempt, assembler.stored(usage) if complete else None)
             if usage is None:
                 usage = {**EMPTY_USAGE, "completion_tokens": content_chunks, "total_tokens": content_chunks}
             self._log(attempt, status, usage=usage, error_type=error_type)
@@ -219,6 +293,8 @@ class Pipeline:
         call = attempt.call
         latency_ms = (time.perf_counter() - call.started) * 1000
         usage = usage or EMPTY_USAGE
+        if status == 200:
+            self.cache.stats[attempt.cache] += 1
         self.usage.record({
             "tenant_id": call.principal.tenant.id, "key_id": call.principal.key.id,
             "endpoint": call.endpoint, "model": call.body["model"], "upstream_model": attempt.upstream_model,
@@ -227,7 +303,7 @@ class Pipeline:
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
             "completion_tokens": int(usage.get("completion_tokens") or 0),
             "total_tokens": int(usage.get("total_tokens") or 0),
-            "latency_ms": round(latency_ms, 3), "cache": "bypass", "policy": attempt.outcome.ref,
+            "latency_ms": round(latency_ms, 3), "cache": attempt.cache, "policy": attempt.outcome.ref,
             "rewrites": attempt.outcome.rewrites or None,
         })
         return latency_ms

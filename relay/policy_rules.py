@@ -88,6 +88,7 @@ class JsonRetry(_Rule):
 class CacheRule(_Rule):
     mode: Literal["off", "deterministic", "always"] = "deterministic"
     ttl_s: int = Field(default=3600, ge=1, le=30 * 86400)
+    namespace: str | None = Field(default=None, max_length=100)  # shared on purpose; default: per tenant
 
 
 class Rules(_Rule):

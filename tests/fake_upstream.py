@@ -3,7 +3,8 @@
 It stands in for a remote provider (the one thing we do not control). It records every body it
 receives, so tests can assert what reached the upstream. Behaviour is chosen by the upstream model
 name: `fail-<status>[-credit]` answers that HTTP status (with a provider message about credit balance),
-`huge-usage` reports absurd token counts, `json-by-temperature` answers broken JSON above temperature 0.5
+`huge-usage` reports absurd token counts, `slow-<ms>...` waits that long before answering,
+`json-by-temperature` answers broken JSON above temperature 0.5
 (or with none) and valid JSON at or below it, anything else answers "Hello from <model>".
 
 Run alone: python -m tests.fake_upstream --port 9101 [--delay-ms 50]"""
@@ -54,6 +55,8 @@ class FakeUpstream:
             return await send_json(send, status, {"error": {"message": message, "type": "server_error", "code": None}})
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if model.startswith("slow-"):
+            await asyncio.sleep(int(model.split("-")[1]) / 1000)
         chat = path.endswith("/chat/completions")
         text = self.reply_text(model, body)
         words = [w + " " for w in text.split(" ")]

@@ -1,0 +1,25 @@
+"""/admin/cache — statistics of the response cache, and purging by model, tenant or all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from admin.deps import FilterId, require_admin
+
+router = APIRouter(prefix="/admin/cache", tags=["cache"])
+
+
+@router.get("")
+async def cache_stats(request: Request, _: str = Depends(require_admin)) -> dict[str, Any]:
+    """Hits, misses and bypasses counted by every gateway process, Redis errors, and stored entries."""
+    return await request.app.state.cache.summary()
+
+
+@router.delete("")
+async def purge(request: Request, model: str | None = None, tenant_id: FilterId = None,
+                _: str = Depends(require_admin)) -> dict[str, Any]:
+    """Without a filter, everything; `model` or `tenant_id` purge only that model's or tenant's entries."""
+    removed = await request.app.state.cache.purge(model=model, tenant_id=tenant_id)
+    return {"purged": removed}

@@ -1,0 +1,272 @@
+"""The response cache in Redis: which requests may be cached, their keys, single-flight, and replay.
+
+Cacheable: deterministic after the policy's rewrite (greedy, or a fixed seed on channels that declare
+seeded determinism), or anything when the policy's cache mode is `always`. The key is a SHA-256 over a
+canonical JSON of the tenant namespace, the endpoint, the policy id@version and the rewritten request.
+Redis trouble never fails a request: it is served uncached, with a warning and a counter."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from channels.base import Channel
+from relay.policy import PolicyOutcome
+
+log = logging.getLogger("relay.cache")
+
+PREFIX = "relay:cache:"
+DEFAULT_TTL_S = 3600
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+# What does not change the answer: how it is delivered, and who asked.
+_NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "metadata"})
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    key: str
+    model: str
+    tenant_id: int
+    ttl_s: int
+    lookup: bool  # Cache-Control: no-cache skips it
+    store: bool  # Cache-Control: no-store skips it
+
+
+def deterministic(request: dict[str, Any], channels: list[Channel]) -> bool:
+    if request.get("temperature") == 0 or request.get("top_k") == 1 or request.get("do_sample") is False:
+        return True
+    seeded = request.get("seed") is not None
+    return seeded and all(getattr(c, "seeded_determinism", False) or c.config.capabilities.get(
+        "seeded_determinism") for c in channels)
+
+
+def _canonical(value: Any) -> Any:
+    """1 and 1.0, key order, and any float spelling map to one form."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def cache_key(namespace: str, endpoint: str, outcome: PolicyOutcome) -> str:
+    request = {k: v for k, v in outcome.request.items() if k not in _NOT_IN_KEY}
+    payload = {"ns": namespace, "endpoint": endpoint, "policy": outcome.ref, "request": request}
+    digest = hashlib.sha256(orjson.dumps(_canonical(payload), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return PREFIX + "v1:" + digest
+
+
+def plan(endpoint: str, outcome: PolicyOutcome, tenant_id: int, channels: list[Channel],
+         cache_control: str | None) -> CachePlan | None:
+    rule = outcome.rules.cache if outcome.rules is not None else None
+    mode = rule.mode if rule is not None else "deterministic"
+    if mode == "off" or (mode == "deterministic" and not deterministic(outcome.request, channels)):
+        return None
+    directives = {d.strip().lower() for d in (cache_control or "").split(",")}
+    namespace = (rule.namespace if rule is not None and rule.namespace else None) or f"tenant:{tenant_id}"
+    return CachePlan(key=cache_key(namespace, endpoint, outcome), model=outcome.request["model"],
+                     tenant_id=tenant_id, ttl_s=rule.ttl_s if rule is not None else DEFAULT_TTL_S,
+                     lookup="no-cache" not in directives, store="no-store" not in directives)
+
+
+class ResponseCache:
+    def __init__(self, url: str | None) -> None:
+        self.redis = aioredis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5,
+                                       health_check_interval=0) if url else None
+        self.stats: Counter[str] = Counter()  # hit / miss / bypass / error, this process, not yet flushed
+        self._down_until = 0.0
+        self._warned_at = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._down_until
+
+    async def _call(self, coro_factory) -> Any:
+        """Run one Redis operation; on failure count it, warn (at most every 10 s), and back off 1 s."""
+        if not self.enabled:
+            return None
+        try:
+            return await coro_factory()
+        except (TimeoutError, RedisError, OSError) as exc:
+            self.stats["error"] += 1
+            self._down_until = time.monotonic() + 1.0
+            if time.monotonic() - self._warned_at > 10:
+                self._warned_at = time.monotonic()
+                log.warning("Redis unavailable (%s); serving uncached", type(exc).__name__)
+            return None
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        raw = await self._call(lambda: self.redis.get(key))
+        return orjson.loads(raw) if raw else None
+
+    async def put(self, p: CachePlan, stored: dict[str, Any]) -> None:
+        async def write() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(p.key, orjson.dumps(stored), ex=p.ttl_s)
+            for index in (f"{PREFIX}idx:model:{p.model}", f"{PREFIX}idx:tenant:{p.tenant_id}"):
+                pipe.sadd(index, p.key)
+                pipe.expire(index, max(p.ttl_s, DEFAULT_TTL_S))
+            await pipe.execute()
+
+        await self._call(write)
+
+    async def acquire(self, key: str, ttl_s: float) -> str | None:
+        """Single-flight: the first of identical misses gets a token and calls the upstream."""
+        token = secrets.token_hex(8)
+        ok = await self._call(lambda: self.redis.set(key + ":lock", token, nx=True, px=int(ttl_s * 1000)))
+        return token if ok else None
+
+    async def release(self, key: str, token: str) -> None:
+        await self._call(lambda: self.redis.eval(_RELEASE, 1, key + ":lock", token))
+
+    async def wait_for(self, key: str, timeout_s: float) -> dict[str, Any] | None:
+        """Another request is fetching this answer: wait for it (or for its lock to go away)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.enabled:
+            await asyncio.sleep(0.02)
+            async def both():
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.get(key)
+                pipe.exists(key + ":lock")
+                return await pipe.execute()
+            result = await self._call(both)
+            if result is None:
+                return None
+            value, locked = result
+            if value:
+                return orjson.loads(value)
+            if not locked:
+                return None
+        return None
+
+    async def flush_stats(self) -> None:
+        counts, self.stats = self.stats, Counter()
+        if not counts or self.redis is None:
+            return
+        async def write() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for name, n in counts.items():
+                pipe.hincrby(PREFIX + "stats", name, n)
+            await pipe.execute()
+        if await self._call(write) is None and counts.get("error") is None:
+            self.stats.update(counts)  # keep them for the next flush
+
+    async def summary(self) -> dict[str, Any]:
+        async def read():
+            stats = await self.redis.hgetall(PREFIX + "stats")
+            keys = 0
+            async for _ in self.redis.scan_iter(match=PREFIX + "v1:*", count=1000):
+                keys += 1
+            return {k.decode(): int(v) for k, v in stats.items()}, keys
+        result = await self._call(read)
+        if result is None:
+            return {"redis": "unavailable" if self.redis else "off", "local": dict(self.stats)}
+        stats, keys = result
+        for name, n in self.stats.items():
+            stats[name] = stats.get(name, 0) + n
+        return {"redis": "up", "entries": keys, **{k: stats.get(k, 0) for k in ("hit", "miss", "bypass", "error")}}
+
+    async def purge(self, model: str | None = None, tenant_id: int | None = None) -> int:
+        async def run() -> int:
+            if model is None and tenant_id is None:
+                keys = [k async for k in self.redis.scan_iter(match=PREFIX + "*", count=1000)
+                        if not k.endswith(b"stats")]
+            else:
+                index = f"{PREFIX}idx:model:{model}" if model is not None else f"{PREFIX}idx:tenant:{tenant_id}"
+                keys = [*await self.redis.smembers(index), index.encode()]
+            removed = 0
+            for i in range(0, len(keys), 500):
+                removed += await self.redis.delete(*keys[i:i + 500])
+            return removed
+        result = await self._call(run)
+        if result is None:
+            from relay.errors import RelayError
+
+            raise RelayError(503, "The cache (Redis) is unavailable; nothing was purged.", "server_error")
+        return result
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+# --- what is stored, and how a hit is replayed -------------------------------------------------------
+
+def stored_from_response(endpoint: str, response: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    return {"endpoint": endpoint, "choices": response.get("choices", []), "usage": usage,
+            "system_fingerprint": response.get("system_fingerprint")}
+
+
+class StreamAssembler:
+    """Builds the stored answer of a streamed miss from its chunks; gives up on what it cannot rebuild."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usable = True
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        for c in chunk.get("choices", []):
+            entry = self.choices.setdefault(c.get("index", 0), {"content": "", "finish_reason": None})
+            delta = c.get("delta") or {}
+            if delta.get("tool_calls") or delta.get("function_call") or c.get("logprobs"):
+                self.usable = False  # partial structures; not worth reassembling
+            entry["content"] += delta.get("content") or c.get("text") or ""
+            entry["finish_reason"] = c.get("finish_reason") or entry["finish_reason"]
+
+    def stored(self, usage: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not self.usable or not self.choices or usage is None or any(
+                c["finish_reason"] is None for c in self.choices.values()):
+            return None
+        chat = self.endpoint == "chat"
+        choices = [{"index": i, "finish_reason": c["finish_reason"],
+                    **({"message": {"role": "assistant", "content": c["content"]}} if chat else {"text": c["content"]})}
+                   for i, c in sorted(self.choices.items())]
+        return {"endpoint": self.endpoint, "choices": choices, "usage": usage}
+
+
+def replay_response(stored: dict[str, Any], model: str) -> dict[str, Any]:
+    chat = stored["endpoint"] == "chat"
+    out = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": "chat.completion" if chat
+           else "text_completion", "created": int(time.time()), "model": model, "choices": stored["choices"],
+           "usage": stored["usage"]}
+    if stored.get("system_fingerprint"):
+        out["system_fingerprint"] = stored["system_fingerprint"]
+    return out
+
+
+def replay_chunks(stored: dict[str, Any], model: str, include_usage: bool) -> list[dict[str, Any]]:
+    """A cached answer as OpenAI stream chunks: role, the whole text, the finish reason, then usage."""
+    chat = stored["endpoint"] == "chat"
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": model, "object": "chat.completion.chunk" if chat else "text_completion"}
+    chunks = []
+    for choice in stored["choices"]:
+        i, finish = choice.get("index", 0), choice.get("finish_reason")
+        if chat:
+            message = choice.get("message") or {}
+            delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+            if message.get("tool_calls"):
+                delta["tool_calls"] = [{**call, "index": n} for n, call in enumerate(message["tool_calls"])]
+            chunks.append({**head, "choices": [{"index": i, "delta": delta, "finish_reason": None}]})
+            chunks.append({**head, "choices": [{"index": i, "delta": {}, "finish_reason": finish}]})
+        else:
+            text = choice.get("text") or ""
+            chunks.append({**head, "choices": [{"index": i, "text": text, "finish_reason": None}]})
+            chunks.append({**head, "choices": [{"index": i, "text": "", "finish_reason": finish}]})
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": stored["usage"]})
+    return chunks
