@@ -84,6 +84,8 @@ class _KeyFields(_In):
     ip_allow: list[str] | None = None
     expires_at: datetime | None = None
     token_quota: Tokens | None = None
+    rpm: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    tpm: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
 
     @field_validator("ip_allow")
     @classmethod
@@ -107,7 +109,7 @@ class KeyCreate(_KeyFields):
 
 
 class KeyUpdate(_KeyFields, _Patch):
-    nullable = frozenset({"models", "ip_allow", "expires_at", "token_quota"})
+    nullable = frozenset({"models", "ip_allow", "expires_at", "token_quota", "rpm", "tpm"})
     name: Name | None = None
     status: Literal["active", "revoked"] | None = None
 
@@ -123,6 +125,8 @@ class KeyOut(_Out):
     status: str
     token_quota: int | None
     used_tokens: int
+    rpm: int | None
+    tpm: int | None
     last_used_at: datetime | None
     created_at: datetime
 

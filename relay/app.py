@@ -24,7 +24,9 @@ from relay.cache import ResponseCache
 from relay.catalog import Catalog
 from relay.db import make_engine
 from relay.errors import install_handlers
+from relay.limits import RateLimiter
 from relay.pipeline import Pipeline
+from relay.redis_state import RedisState
 from relay.settings import Settings
 from relay.usage import UsageRecorder
 
@@ -55,9 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                f"(RELAY_DATABASE_URL={settings.database_url}).") from exc
         await usage.flush()  # loads the current token totals
         await warm_up()
-        cache = ResponseCache(settings.redis_url)
+        redis_state = RedisState(settings.redis_url)
+        cache = ResponseCache(redis_state)
         app.state.engine, app.state.catalog, app.state.usage, app.state.cache = engine, catalog, usage, cache
-        app.state.pipeline = Pipeline(catalog, usage, cache)
+        app.state.pipeline = Pipeline(catalog, usage, cache, RateLimiter(redis_state, settings.rate_burst_s))
         tasks = [asyncio.create_task(catalog.poll_forever(settings.config_poll_s)),
                  asyncio.create_task(usage.flush_forever(settings.log_flush_s)),
                  asyncio.create_task(_every(settings.log_flush_s, cache.flush_stats))]
@@ -71,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.gather(*tasks, return_exceptions=True)
             await usage.flush()
             await cache.flush_stats()
-            await cache.close()
+            await redis_state.close()
             engine.dispose()
 
     app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan)

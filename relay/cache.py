@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from channels.base import Channel
 from relay.policy import PolicyOutcome
+from relay.redis_state import RedisState
 
 log = logging.getLogger("relay.cache")
 
@@ -83,30 +82,17 @@ def plan(endpoint: str, outcome: PolicyOutcome, tenant_id: int, channels: list[C
 
 
 class ResponseCache:
-    def __init__(self, url: str | None) -> None:
-        self.redis = aioredis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5,
-                                       health_check_interval=0) if url else None
-        self.stats: Counter[str] = Counter()  # hit / miss / bypass / error, this process, not yet flushed
-        self._down_until = 0.0
-        self._warned_at = 0.0
+    def __init__(self, state: RedisState) -> None:
+        self.state = state
+        self.redis = state.client
+        self.stats: Counter[str] = Counter()  # hit / miss / bypass, this process, not yet flushed
 
     @property
     def enabled(self) -> bool:
-        return self.redis is not None and time.monotonic() >= self._down_until
+        return self.state.enabled
 
-    async def _call(self, coro_factory) -> Any:
-        """Run one Redis operation; on failure count it, warn (at most every 10 s), and back off 1 s."""
-        if not self.enabled:
-            return None
-        try:
-            return await coro_factory()
-        except (TimeoutError, RedisError, OSError) as exc:
-            self.stats["error"] += 1
-            self._down_until = time.monotonic() + 1.0
-            if time.monotonic() - self._warned_at > 10:
-                self._warned_at = time.monotonic()
-                log.warning("Redis unavailable (%s); serving uncached", type(exc).__name__)
-            return None
+    async def _call(self, operation) -> Any:
+        return await self.state.call(operation)
 
     async def get(self, key: str) -> dict[str, Any] | None:
         raw = await self._call(lambda: self.redis.get(key))
@@ -161,7 +147,7 @@ class ResponseCache:
             for name, n in counts.items():
                 pipe.hincrby(PREFIX + "stats", name, n)
             await pipe.execute()
-        if await self._call(write) is None and counts.get("error") is None:
+        if await self._call(write) is None:
             self.stats.update(counts)  # keep them for the next flush
 
     async def summary(self) -> dict[str, Any]:
@@ -173,11 +159,13 @@ class ResponseCache:
             return {k.decode(): int(v) for k, v in stats.items()}, keys
         result = await self._call(read)
         if result is None:
-            return {"redis": "unavailable" if self.redis else "off", "local": dict(self.stats)}
+            return {"redis": "unavailable" if self.redis else "off", "redis_errors": self.state.errors,
+                    "this_process": dict(self.stats)}
         stats, keys = result
         for name, n in self.stats.items():
             stats[name] = stats.get(name, 0) + n
-        return {"redis": "up", "entries": keys, **{k: stats.get(k, 0) for k in ("hit", "miss", "bypass", "error")}}
+        return {"redis": "up", "entries": keys, "redis_errors_this_process": self.state.errors,
+                **{k: stats.get(k, 0) for k in ("hit", "miss", "bypass")}}
 
     async def purge(self, model: str | None = None, tenant_id: int | None = None) -> int:
         async def run() -> int:
@@ -198,9 +186,6 @@ class ResponseCache:
             raise RelayError(503, "The cache (Redis) is unavailable; nothing was purged.", "server_error")
         return result
 
-    async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
 
 
 # --- what is stored, and how a hit is replayed -------------------------------------------------------

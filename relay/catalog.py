@@ -46,6 +46,8 @@ class KeyInfo:
     expires_at: datetime | None
     active: bool
     token_quota: int | None
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 @dataclass
@@ -64,7 +66,8 @@ def _key_info(row: ApiKey) -> KeyInfo:
         networks = tuple(ipaddress.ip_network(n, strict=False) for n in row.ip_allow)
     return KeyInfo(id=row.id, tenant_id=row.tenant_id, name=row.name,
                    models=frozenset(row.models) if row.models else None, networks=networks,
-                   expires_at=row.expires_at, active=row.status == "active", token_quota=row.token_quota)
+                   expires_at=row.expires_at, active=row.status == "active", token_quota=row.token_quota,
+                   rpm=row.rpm, tpm=row.tpm)
 
 
 def channel_config(row: ChannelRow) -> ChannelConfig:

@@ -44,6 +44,8 @@ class ApiKey(SQLModel, table=True):
     status: str = Field(default="active", max_length=20)  # active | revoked
     token_quota: int | None = Field(default=None, sa_type=BigInteger)
     used_tokens: int = Field(default=0, sa_type=BigInteger)
+    rpm: int | None = None  # requests per minute for this key (the tenant's limit applies as well)
+    tpm: int | None = None  # tokens per minute for this key
     last_used_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

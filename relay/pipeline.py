@@ -19,6 +19,7 @@ from relay.cache import CachePlan, ResponseCache, StreamAssembler, replay_chunks
 from relay.cache import plan as cache_plan
 from relay.catalog import Catalog
 from relay.errors import RelayError, not_found
+from relay.limits import RateLimiter
 from relay.policy import PolicyOutcome, apply_policy, cooler, json_answer_ok, wants_json_retry
 from relay.routing import candidates
 from relay.usage import UsageRecorder, clamp_tokens
@@ -72,10 +73,12 @@ class _Attempt:
 
 
 class Pipeline:
-    def __init__(self, catalog: Catalog, usage: UsageRecorder, cache: ResponseCache) -> None:
+    def __init__(self, catalog: Catalog, usage: UsageRecorder, cache: ResponseCache, limits: RateLimiter) -> None:
         self.catalog = catalog
         self.usage = usage
         self.cache = cache
+        self.limits = limits
+        self._background: set[asyncio.Task] = set()
 
     async def run(self, call: RelayCall) -> RelayResult:
         attempt = _Attempt(call, PolicyOutcome(call.body))
@@ -83,6 +86,7 @@ class Pipeline:
             model = call.body["model"]
             check_model(call.principal, model)
             check_quota(call.principal, self.usage)
+            await self.limits.admit(call.principal)
             attempt.outcome = apply_policy(self.catalog.snapshot.policies, call.body, call.principal.tenant.id,
                                            call.task_header)
             channels = self.catalog.snapshot.channels_by_model.get(model)
@@ -295,6 +299,11 @@ class Pipeline:
         usage = usage or EMPTY_USAGE
         if status == 200:
             self.cache.stats[attempt.cache] += 1
+            tokens = int(usage.get("total_tokens") or 0)
+            if tokens and (call.principal.key.tpm or call.principal.tenant.tpm):
+                task = asyncio.create_task(self.limits.charge_tokens(call.principal, tokens))
+                self._background.add(task)  # keep a reference until it is done
+                task.add_done_callback(self._background.discard)
         self.usage.record({
             "tenant_id": call.principal.tenant.id, "key_id": call.principal.key.id,
             "endpoint": call.endpoint, "model": call.body["model"], "upstream_model": attempt.upstream_model,

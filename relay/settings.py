@@ -25,6 +25,7 @@ class Settings:
     # Reverse proxies whose X-Forwarded-For is believed (for IP allow-lists); empty: none, the socket's
     # peer address counts.
     trusted_proxies: str
+    rate_burst_s: float  # rpm/tpm limits allow a burst of this many seconds' worth
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -38,4 +39,5 @@ class Settings:
             log_flush_s=_float("RELAY_LOG_FLUSH_S", 1.0),
             config_poll_s=_float("RELAY_CONFIG_POLL_S", 1.0),
             trusted_proxies=os.environ.get("RELAY_TRUSTED_PROXIES", "").strip(),
+            rate_burst_s=_float("RELAY_RATE_BURST_S", 1.0),
         )

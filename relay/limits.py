@@ -1,0 +1,100 @@
+"""Requests-per-minute and tokens-per-minute limits per key and per tenant, shared by every gateway process
+through Redis. Each limit is a GCRA bucket (a "theoretical arrival time" per key), checked and updated
+atomically by one Lua script: a steady rate with a burst of RELAY_RATE_BURST_S seconds' worth.
+
+Requests are charged when admitted; tokens after the answer (its usage), so a request is refused while the
+tokens already spent are over the rate. Redis down: limits are not enforced (the request is served)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from relay.auth import Principal
+from relay.errors import RelayError
+from relay.redis_state import RedisState
+
+PREFIX = "relay:rl:"
+
+# KEYS: buckets. ARGV: now_ms, then per bucket (interval_ms, tolerance_ms, cost).
+# Refuses when any bucket is ahead of now by more than its tolerance (returns the ms to wait); otherwise
+# charges every bucket its cost and returns 0.
+_ADMIT = """
+local now = tonumber(ARGV[1])
+local wait = 0
+local tats = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[i * 3 - 1])
+  local tolerance = tonumber(ARGV[i * 3])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  tats[i] = tat
+  if tat - now > tolerance then
+    wait = math.max(wait, tat - now - tolerance)
+  end
+end
+if wait > 0 then return wait end
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[i * 3 - 1])
+  local tolerance = tonumber(ARGV[i * 3])
+  local new_tat = tats[i] + interval * tonumber(ARGV[i * 3 + 1])
+  redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now + math.min(tolerance, 3600000) + 1000))
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    key: str
+    per_minute: int
+    what: str  # "requests" | "tokens"
+    scope: str  # "API key" | "tenant"
+
+
+class RateLimiter:
+    def __init__(self, state: RedisState, burst_s: float = 1.0) -> None:
+        self.state = state
+        self.burst_s = burst_s
+        self._script = state.client.register_script(_ADMIT) if state.client is not None else None
+
+    def _buckets(self, principal: Principal, what: str) -> list[_Bucket]:
+        key, tenant = principal.key, principal.tenant
+        limits = [(f"key:{key.id}", key.rpm if what == "requests" else key.tpm, "API key"),
+                  (f"tenant:{tenant.id}", tenant.rpm if what == "requests" else tenant.tpm, "tenant")]
+        return [_Bucket(f"{PREFIX}{what}:{name}", n, what, scope) for name, n, scope in limits if n]
+
+    def _args(self, buckets: list[_Bucket], costs: list[float]) -> list[float]:
+        args: list[float] = [time.time() * 1000]
+        for bucket, cost in zip(buckets, costs, strict=True):
+            interval = 60_000 / bucket.per_minute
+            burst = max(1.0, bucket.per_minute * self.burst_s / 60)
+            args += [interval, (burst - 1) * interval, cost]
+        return args
+
+    async def admit(self, principal: Principal) -> None:
+        """Charge one request; 429 with Retry-After when a request or token rate is exceeded."""
+        requests, tokens = self._buckets(principal, "requests"), self._buckets(principal, "tokens")
+        buckets = requests + tokens
+        if not buckets or self._script is None:
+            return
+        costs = [1.0] * len(requests) + [0.0] * len(tokens)  # tokens are charged after the answer
+        wait_ms = await self.state.call(lambda: self._script(keys=[b.key for b in buckets],
+                                                             args=self._args(buckets, costs)))
+        if not wait_ms:
+            return
+        retry_s = max(1, math.ceil(float(wait_ms) / 1000))
+        limited = ", ".join(f"{b.per_minute} {b.what} per minute for this {b.scope}" for b in buckets)
+        raise RelayError(429, f"Rate limit reached ({limited}). Retry after {retry_s} s.", "rate_limit_error",
+                         None, "rate_limit_exceeded", headers={"Retry-After": str(retry_s)})
+
+    async def charge_tokens(self, principal: Principal, tokens: int) -> None:
+        buckets = self._buckets(principal, "tokens")
+        if not buckets or tokens <= 0 or self._script is None:
+            return
+        # Charging never refuses: tolerance is set huge for this call, the cost is what was used.
+        args = self._args(buckets, [float(tokens)] * len(buckets))
+        for i in range(len(buckets)):
+            args[2 + i * 3] = 1e18
+        await self.state.call(lambda: self._script(keys=[b.key for b in buckets], args=args))
