@@ -134,7 +134,7 @@ class Pipeline:
         attempt.cache = "hit"
         usage = stored["usage"]
         headers = self._headers(attempt)
-        self._log(attempt, 200, usage=usage)
+        headers["Server-Timing"] = f"relay;dur={self._log(attempt, 200, usage=usage):.3f}"
         model, body = attempt.call.body["model"], attempt.call.body
         if not body.get("stream"):
             return RelayResult(headers=headers, body=replay_response(stored, model))
