@@ -22,6 +22,7 @@ from relay import __version__
 from relay.api import router as openai_router
 from relay.cache import ResponseCache
 from relay.catalog import Catalog
+from relay.circuit import CircuitBreaker
 from relay.db import make_engine
 from relay.errors import install_handlers
 from relay.limits import RateLimiter
@@ -60,7 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis_state = RedisState(settings.redis_url)
         cache = ResponseCache(redis_state)
         app.state.engine, app.state.catalog, app.state.usage, app.state.cache = engine, catalog, usage, cache
-        app.state.pipeline = Pipeline(catalog, usage, cache, RateLimiter(redis_state, settings.rate_burst_s))
+        breaker = CircuitBreaker(redis_state, settings.circuit_failures, settings.circuit_cooldown_s)
+        app.state.pipeline = Pipeline(catalog, usage, cache, RateLimiter(redis_state, settings.rate_burst_s), breaker)
         tasks = [asyncio.create_task(catalog.poll_forever(settings.config_poll_s)),
                  asyncio.create_task(usage.flush_forever(settings.log_flush_s)),
                  asyncio.create_task(_every(settings.log_flush_s, cache.flush_stats))]

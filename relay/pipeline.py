@@ -18,6 +18,7 @@ from relay.auth import Principal, check_model, check_quota
 from relay.cache import CachePlan, ResponseCache, StreamAssembler, replay_chunks, replay_response, stored_from_response
 from relay.cache import plan as cache_plan
 from relay.catalog import Catalog
+from relay.circuit import CircuitBreaker, auto_disable
 from relay.errors import RelayError, not_found
 from relay.limits import RateLimiter
 from relay.policy import PolicyOutcome, apply_policy, cooler, json_answer_ok, wants_json_retry
@@ -73,11 +74,13 @@ class _Attempt:
 
 
 class Pipeline:
-    def __init__(self, catalog: Catalog, usage: UsageRecorder, cache: ResponseCache, limits: RateLimiter) -> None:
+    def __init__(self, catalog: Catalog, usage: UsageRecorder, cache: ResponseCache, limits: RateLimiter,
+                 breaker: CircuitBreaker) -> None:
         self.catalog = catalog
         self.usage = usage
         self.cache = cache
         self.limits = limits
+        self.breaker = breaker
         self._background: set[asyncio.Task] = set()
 
     async def run(self, call: RelayCall) -> RelayResult:
@@ -93,7 +96,7 @@ class Pipeline:
             if not channels:
                 raise not_found(f"The model `{model}` does not exist or you do not have access to it.",
                                 "model", "model_not_found")
-            ordered = candidates(channels)
+            ordered = await self.breaker.usable(candidates(channels))
             cacheable = cache_plan(call.endpoint, attempt.outcome, call.principal.tenant.id, ordered,
                                    call.cache_control) if self.cache.enabled else None
             if cacheable is not None:
@@ -201,6 +204,19 @@ class Pipeline:
                                     f"relay;dur={total_ms - attempt.upstream_ms:.3f}")
         return RelayResult(headers=headers, body=response)
 
+    async def _channel_failed(self, channel: Channel, exc: UpstreamError) -> bool:
+        """Records the failure (circuit breaker, auto-disable on refused credentials); True to try the next
+        channel, False when the request itself is at fault."""
+        if not exc.retryable:
+            return False
+        log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
+        if exc.kind == "upstream_auth":
+            await auto_disable(self.catalog.engine, channel, exc.message)
+            await asyncio.to_thread(self.catalog.reload)
+        else:
+            await self.breaker.failed(channel)
+        return True
+
     async def _call_channels(self, attempt: _Attempt, channels: list[Channel]) -> dict[str, Any]:
         """The first channel that answers; retryable failures move on to the next one."""
         last: UpstreamError | None = None
@@ -210,13 +226,15 @@ class Pipeline:
             t0 = time.perf_counter()
             try:
                 if attempt.call.endpoint == "chat":
-                    return await channel.chat(request)
-                return await channel.completion(request)
+                    response = await channel.chat(request)
+                else:
+                    response = await channel.completion(request)
+                await self.breaker.succeeded(channel)
+                return response
             except UpstreamError as exc:
                 last = exc
-                if not exc.retryable:
+                if not await self._channel_failed(channel, exc):
                     break
-                log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
             finally:
                 attempt.upstream_ms += (time.perf_counter() - t0) * 1000
         assert last is not None
@@ -237,10 +255,10 @@ class Pipeline:
                 first = None
             except UpstreamError as exc:
                 last = exc
-                if exc.retryable:
-                    log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
+                if await self._channel_failed(channel, exc):
                     continue
                 break
+            await self.breaker.succeeded(channel)
             return RelayResult(headers=self._headers(attempt), stream=self._sse(attempt, first, chunks))
         assert last is not None
         raise _client_error(last)

@@ -26,6 +26,8 @@ class Settings:
     # peer address counts.
     trusted_proxies: str
     rate_burst_s: float  # rpm/tpm limits allow a burst of this many seconds' worth
+    circuit_failures: int  # consecutive failures that open a channel's circuit
+    circuit_cooldown_s: float  # how long an open circuit keeps the channel out of routing
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -40,4 +42,6 @@ class Settings:
             config_poll_s=_float("RELAY_CONFIG_POLL_S", 1.0),
             trusted_proxies=os.environ.get("RELAY_TRUSTED_PROXIES", "").strip(),
             rate_burst_s=_float("RELAY_RATE_BURST_S", 1.0),
+            circuit_failures=int(_float("RELAY_CIRCUIT_FAILURES", 3)),
+            circuit_cooldown_s=_float("RELAY_CIRCUIT_COOLDOWN_S", 30.0),
         )

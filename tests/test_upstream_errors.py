@@ -3,6 +3,8 @@ client errors stay 4xx, and no message carries the words that make ONE API disab
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 import pytest
 
@@ -10,23 +12,21 @@ from channels.base import ONE_API_DISABLE_WORDS
 from tests.conftest import add_fake_channel
 
 
-@pytest.fixture(scope="module")
-def failing_models(relay, upstream):
-    """Models whose upstream answers with the given status."""
-    statuses = [400, 401, 404, 429, 500, 503]
-    name = f"failing-{relay.url.rsplit(':', 1)[1]}"
-    add_fake_channel(relay, upstream[1], name, [f"m{s}" for s in statuses],
-                     model_mapping={f"m{s}": f"fail-{s}" for s in statuses})
-    return statuses
+def _failing_model(relay, upstream, status: int) -> str:
+    """A fresh channel whose upstream answers `status` (a 401 auto-disables its channel, so one each)."""
+    model = f"m{status}-{uuid.uuid4().hex[:8]}"
+    add_fake_channel(relay, upstream[1], f"failing-{model}", [model], model_mapping={model: f"fail-{status}"})
+    return model
 
 
 @pytest.mark.parametrize(("upstream_status", "client_status"), [
     (400, 400), (401, 502), (404, 502), (429, 429), (500, 502), (503, 502)])
 @pytest.mark.parametrize("stream", [False, True])
-def test_upstream_status_mapping(relay, failing_models, upstream_status, client_status, stream):
+def test_upstream_status_mapping(relay, upstream, upstream_status, client_status, stream):
     key = relay.new_key()["key"]
+    model = _failing_model(relay, upstream, upstream_status)
     response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
-                          json={"model": f"m{upstream_status}", "stream": stream,
+                          json={"model": model, "stream": stream,
                                 "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == client_status, response.text
     error = response.json()["error"]

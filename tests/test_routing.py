@@ -1,0 +1,128 @@
+"""Routing across channels through the real relay: priority tiers with failover, never retrying a client
+error, weighted split, the Redis circuit breaker, auto-disable on refused credentials, and a channel's
+server killed under load without losing a request."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import ROOT, add_fake_channel, free_port, run_relay
+
+REDIS_URL = "redis://127.0.0.1:6379/10"
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    tmp = tmp_path_factory.mktemp("routing")
+    env = {"RELAY_REDIS_URL": REDIS_URL, "RELAY_CIRCUIT_FAILURES": "2", "RELAY_CIRCUIT_COOLDOWN_S": "2"}
+    with run_relay(f"sqlite:///{tmp / 'routing.db'}", tmp, env=env) as relay:
+        yield relay
+
+
+def _ask(relay, key: str, model: str, stream: bool = False) -> httpx.Response:
+    return httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                      json={"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def _model() -> str:
+    return f"route-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_failover_to_the_next_tier(relay, upstream, calls, stream):
+    model = _model()
+    add_fake_channel(relay, f"http://127.0.0.1:{free_port()}", f"dead-{model}", [model], priority=10, timeout_s=3)
+    add_fake_channel(relay, upstream[1], f"5xx-{model}", [model], priority=5, model_mapping={model: "fail-503"})
+    add_fake_channel(relay, upstream[1], f"ok-{model}", [model], priority=0)
+    response = _ask(relay, relay.new_key()["key"], model, stream)
+    assert response.status_code == 200 and response.headers["x-relay-channel"] == f"ok-{model}"
+    assert [c["body"]["model"] for c in calls] == ["fail-503", model]  # dead one: no call arrived at all
+
+
+def test_client_errors_are_not_retried(relay, upstream, calls):
+    model = _model()
+    add_fake_channel(relay, upstream[1], f"400-{model}", [model], priority=10, model_mapping={model: "fail-400"})
+    add_fake_channel(relay, upstream[1], f"ok-{model}", [model], priority=0)
+    assert _ask(relay, relay.new_key()["key"], model).status_code == 400
+    assert len(calls) == 1
+
+
+def test_weighted_split_inside_a_tier(relay, upstream):
+    model = _model()
+    add_fake_channel(relay, upstream[1], f"heavy-{model}", [model], weight=3)
+    add_fake_channel(relay, upstream[1], f"light-{model}", [model], weight=1)
+    key = relay.new_key()["key"]
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
+        split = Counter(client.post(relay.url + "/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}]}).headers["x-relay-channel"]
+            for _ in range(400))
+    assert 0.70 <= split[f"heavy-{model}"] / 400 <= 0.80, split
+
+
+def test_circuit_breaker_cools_a_failing_channel(relay, upstream, calls):
+    model = _model()
+    add_fake_channel(relay, upstream[1], f"flaky-{model}", [model], priority=10, model_mapping={model: "fail-500"})
+    add_fake_channel(relay, upstream[1], f"ok-{model}", [model], priority=0)
+    key = relay.new_key()["key"]
+    for _ in range(2):  # two consecutive failures (RELAY_CIRCUIT_FAILURES=2) open the circuit
+        assert _ask(relay, key, model).status_code == 200
+    assert sum(c["body"]["model"] == "fail-500" for c in calls) == 2
+    for _ in range(5):
+        assert _ask(relay, key, model).status_code == 200
+    assert sum(c["body"]["model"] == "fail-500" for c in calls) == 2  # skipped while cooling down
+    time.sleep(2.5)  # RELAY_CIRCUIT_COOLDOWN_S=2
+    assert _ask(relay, key, model).status_code == 200
+    assert sum(c["body"]["model"] == "fail-500" for c in calls) == 3  # tried again afterwards
+
+
+def test_refused_credentials_auto_disable_the_channel(relay, upstream):
+    model = _model()
+    bad = add_fake_channel(relay, upstream[1], f"badkey-{model}", [model], priority=10, api_key="wrong")
+    add_fake_channel(relay, upstream[1], f"ok-{model}", [model], priority=0)
+    response = _ask(relay, relay.new_key()["key"], model)
+    assert response.status_code == 200 and response.headers["x-relay-channel"] == f"ok-{model}"
+    assert relay.ok("GET", f"/admin/channels/{bad['id']}")["status"] == "auto_disabled"
+    events = [e for e in relay.ok("GET", "/admin/audit?entity=channel")["data"]
+              if e["entity_id"] == bad["id"] and e["action"] == "auto_disable"]
+    assert events and events[0]["actor"] == "relay" and events[0]["after"]["status"] == "auto_disabled"
+
+
+def test_killing_a_channel_under_load_loses_no_request(relay):
+    ports = [free_port(), free_port()]
+    servers = [subprocess.Popen([sys.executable, "-m", "tests.fake_upstream", "--port", str(p)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
+    try:
+        for port in ports:
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+        model = _model()
+        for i, port in enumerate(ports):
+            add_fake_channel(relay, f"http://127.0.0.1:{port}", f"twin{i}-{model}", [model], timeout_s=5)
+        key = relay.new_key()["key"]
+
+        def one(i: int) -> int:
+            if i == 60:
+                servers[0].kill()
+            return _ask(relay, key, model, stream=bool(i % 2)).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(one, range(200)))
+        assert statuses == [200] * 200
+    finally:
+        for server in servers:
+            server.kill()
