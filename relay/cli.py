@@ -106,6 +106,18 @@ def _channel_add(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _import_oneapi(args: argparse.Namespace, settings: Settings) -> int:
+    from relay import db, oneapi_import
+
+    db.upgrade(settings.database_url)
+    planned = oneapi_import.run(args.database_url, db.make_engine(settings.database_url), apply=args.apply)
+    print(oneapi_import.table(planned))
+    created = sum(p.action == "create" for p in planned)
+    verb = "created" if args.apply else "would create (dry run; --apply to write)"
+    print(f"\n{created} channel(s) {verb}, {len(planned) - created} skipped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="policy-relay", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--model-mapping", help='JSON, e.g. {"alias": "upstream-name"}')
     ca.add_argument("--options", help="JSON of extra litellm options")
     ca.set_defaults(func=_channel_add)
+    imp = sub.add_parser("import-oneapi", help="create channels from a ONE API database (dry run by default)")
+    imp.add_argument("--database-url", required=True,
+                     help="the ONE API database: sqlite:///one-api.db, mysql://..., postgresql://...")
+    imp.add_argument("--apply", action="store_true", help="write the channels (default: only print the plan)")
+    imp.set_defaults(func=_import_oneapi)
     return parser
 
 
