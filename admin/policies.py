@@ -38,7 +38,7 @@ class PolicyCreate(BaseModel):
 
 
 class PolicyUpdate(_Patch):
-    nullable = frozenset({"tenant_id", "rules", "preset"})
+    nullable = frozenset({"tenant_id"})
     model_pattern: ModelName | None = None
     tenant_id: RowRef | None = None
     priority: Int32 | None = None

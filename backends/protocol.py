@@ -17,7 +17,6 @@ DEFAULT_MAX_TOKENS = 256
 
 
 class _SamplingExtras(BaseModel):
-    top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
     do_sample: bool | None = None

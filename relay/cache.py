@@ -154,8 +154,8 @@ class ResponseCache:
         async def read():
             stats = await self.redis.hgetall(PREFIX + "stats")
             keys = 0
-            async for _ in self.redis.scan_iter(match=PREFIX + "v1:*", count=1000):
-                keys += 1
+            async for key in self.redis.scan_iter(match=PREFIX + "v1:*", count=1000):
+                keys += not key.endswith(b":lock")
             return {k.decode(): int(v) for k, v in stats.items()}, keys
         result = await self._call(read)
         if result is None:

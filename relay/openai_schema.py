@@ -40,6 +40,8 @@ class _Common(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # not OpenAI's, but vLLM's and the policies' own
 
 
 class Message(BaseModel):
@@ -50,7 +52,6 @@ class Message(BaseModel):
 
 class ChatRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None

@@ -21,7 +21,7 @@ from relay.catalog import Catalog
 from relay.circuit import CircuitBreaker, auto_disable
 from relay.errors import RelayError, not_found
 from relay.limits import RateLimiter
-from relay.policy import PolicyOutcome, apply_policy, cooler, json_answer_ok, wants_json_retry
+from relay.policy import PolicyOutcome, apply_policy, cooler, is_greedy, json_answer_ok, wants_json_retry
 from relay.routing import candidates
 from relay.usage import UsageRecorder, clamp_tokens
 
@@ -110,6 +110,9 @@ class Pipeline:
             await self._release(attempt)
             self._log(attempt, exc.status, error_type=exc.code or exc.type)
             raise
+        except BaseException:
+            await self._release(attempt)  # whatever went wrong, identical requests must not wait on us
+            raise
 
     # --- cache ----------------------------------------------------------------------------------------
 
@@ -182,22 +185,27 @@ class Pipeline:
 
     async def _complete(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
         response = await self._call_channels(attempt, channels)
-        usage = clean_usage(response.get("usage"))
+        usage = last_usage = clean_usage(response.get("usage"))
         headers: dict[str, str] = {}
+        answer_ok = True
         if attempt.call.endpoint == "chat" and wants_json_retry(attempt.outcome):
             # response_format asks for JSON: a malformed answer is retried cooler, down to greedy.
             retry = attempt.outcome.rules.json_retry  # type: ignore[union-attr]
             tries = 1
-            while not json_answer_ok(response, attempt.outcome.request) and tries <= retry.attempts:
+            answer_ok = json_answer_ok(response, attempt.outcome.request)
+            while not answer_ok and tries <= retry.attempts and not is_greedy(attempt.outcome.request):
                 attempt.outcome = cooler(attempt.outcome, tries)
                 response = await self._call_channels(attempt, channels)
-                again = clean_usage(response.get("usage"))
-                usage = {k: usage[k] + again[k] for k in EMPTY_USAGE}  # every attempt was paid for
+                last_usage = clean_usage(response.get("usage"))
+                usage = {k: usage[k] + last_usage[k] for k in EMPTY_USAGE}  # every attempt was paid for
+                answer_ok = json_answer_ok(response, attempt.outcome.request)
                 tries += 1
             headers["X-Relay-Json-Attempts"] = str(tries)
         response["model"] = attempt.call.body["model"]
         response["usage"] = usage
-        await self._store(attempt, stored_from_response(attempt.call.endpoint, response, usage))
+        # A hit later costs what this one answer cost; a JSON answer that never parsed is not kept.
+        await self._store(attempt, stored_from_response(attempt.call.endpoint, response, last_usage)
+                          if answer_ok else None)
         headers.update(self._headers(attempt))
         total_ms = self._log(attempt, 200, usage=usage)
         headers["Server-Timing"] = (f"upstream;dur={attempt.upstream_ms:.3f}, "
@@ -271,7 +279,9 @@ class Pipeline:
         usage: dict[str, Any] | None = None
         content_chunks = 0  # a stand-in for completion tokens when the stream ends without usage
         status, error_type = 200, None
-        assembler = StreamAssembler(attempt.call.endpoint) if attempt.store is not None else None
+        # A streamed JSON answer cannot be retried, so it is not stored either when the policy would retry.
+        keep = attempt.store is not None and not wants_json_retry(attempt.outcome)
+        assembler = StreamAssembler(attempt.call.endpoint) if keep else None
         try:
             chunk = first
             while chunk is not None:
@@ -317,11 +327,11 @@ class Pipeline:
         usage = usage or EMPTY_USAGE
         if status == 200:
             self.cache.stats[attempt.cache] += 1
-            tokens = int(usage.get("total_tokens") or 0)
-            if tokens and (call.principal.key.tpm or call.principal.tenant.tpm):
-                task = asyncio.create_task(self.limits.charge_tokens(call.principal, tokens))
-                self._background.add(task)  # keep a reference until it is done
-                task.add_done_callback(self._background.discard)
+        tokens = int(usage.get("total_tokens") or 0)  # a cut-off stream still spent what it streamed
+        if tokens and (call.principal.key.tpm or call.principal.tenant.tpm):
+            task = asyncio.create_task(self.limits.charge_tokens(call.principal, tokens))
+            self._background.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._background.discard)
         self.usage.record({
             "tenant_id": call.principal.tenant.id, "key_id": call.principal.key.id,
             "endpoint": call.endpoint, "model": call.body["model"], "upstream_model": attempt.upstream_model,

@@ -6,6 +6,7 @@ greedy in the channel's way, and every change is a rewrite record {param, from, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 import jsonschema
+from referencing import Registry
 
 from relay.policy_rules import Bound, Rules
 
@@ -50,7 +52,11 @@ class PolicyOutcome:
 
 
 def _show(value: Any) -> str:
-    return "unset" if value is None else str(value)
+    """ASCII without separators or line breaks, short: it goes into an HTTP header."""
+    if value is None:
+        return "unset"
+    text = value if isinstance(value, int | float) and not isinstance(value, bool) else json.dumps(value)
+    return str(text).replace(";", ",")[:40]
 
 
 def match(policies: list[PolicyInfo], model: str, tenant_id: int | None) -> PolicyInfo | None:
@@ -132,10 +138,11 @@ def rewrite(rules: Rules, request: dict[str, Any], task: str) -> tuple[dict[str,
             by_task = t.by_task.get(task)  # type: ignore[call-overload]
             w.bound("temperature", t, by_task, f"temperature.by_task.{task}" if by_task is not None else "")
     w.bound("top_p", rules.top_p)
-    if rules.top_k is not None:
+    greedy_top_k = any(r["rule"] == "greedy_as.top_k_one" for r in w.rewrites)
+    if rules.top_k is not None and not greedy_top_k:  # top_k 1 is how this request was made greedy
         k = rules.top_k
         value = w.request.get("top_k")
-        if value is None or value <= 0:  # unset, or 0/-1 meaning "off" at vLLM
+        if not _is_int(value) or value <= 0:  # unset, invalid, or 0/-1 meaning "off" at vLLM
             if k.default is not None:
                 w.set("top_k", k.default, "top_k.default")
         elif k.min is not None and value < k.min:
@@ -148,7 +155,9 @@ def rewrite(rules: Rules, request: dict[str, Any], task: str) -> tuple[dict[str,
         m = rules.max_tokens
         for param in ("max_tokens", "max_completion_tokens"):
             value = w.request.get(param)
-            if value is not None and m.max is not None and value > m.max:
+            if value is not None and not _is_int(value):
+                w.set(param, m.default, f"{param}.invalid")
+            elif value is not None and m.max is not None and value > m.max:
                 w.set(param, m.max, f"{param}.max")
         if m.default is not None and w.request.get("max_tokens") is None \
                 and w.request.get("max_completion_tokens") is None:
@@ -156,6 +165,10 @@ def rewrite(rules: Rules, request: dict[str, Any], task: str) -> tuple[dict[str,
     if rules.seed is not None and rules.seed.default is not None and w.request.get("seed") is None:
         w.set("seed", rules.seed.default, "seed.default")
     return w.request, w.rewrites
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _greedy(w: _Rewriter, rules: Rules, sent: float) -> None:
@@ -190,13 +203,18 @@ def cooler(outcome: PolicyOutcome, attempt: int) -> PolicyOutcome:
         current = t.default if t and t.default is not None else 1.0
     target = round(current + rules.json_retry.temperature_step, 6)
     w = _Rewriter(outcome.request)
-    if target <= (t.greedy_below if t and t.greedy_below is not None else 0) or target <= 0:
-        _greedy(w, rules, target)
+    floor = max(t.greedy_below or 0, t.min or 0) if t else 0
+    if target <= floor or target <= 0:
+        _greedy(w, rules, target)  # cooler than the policy allows sampling at: the greedy answer instead
     else:
         w.set("temperature", target, f"json_retry.{attempt}")
     for r in w.rewrites:
         r["rule"] = f"json_retry.{attempt}"
     return PolicyOutcome(w.request, outcome.rewrites + w.rewrites, outcome.ref, rules, outcome.task)
+
+
+def is_greedy(request: dict[str, Any]) -> bool:
+    return request.get("temperature") == 0 or request.get("top_k") == 1
 
 
 def wants_json_retry(outcome: PolicyOutcome) -> bool:
@@ -213,11 +231,16 @@ def json_answer_ok(response: dict[str, Any], request: dict[str, Any]) -> bool:
         data = json.loads(content)
     except (KeyError, IndexError, TypeError, ValueError):
         return False
-    fmt = request.get("response_format") or {}
-    schema = (fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None
-    if schema:
-        try:
-            jsonschema.validate(data, schema)
-        except (jsonschema.ValidationError, jsonschema.SchemaError):
-            return False
-    return True
+    fmt = request.get("response_format")
+    spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        return True
+    try:
+        # An empty registry: a client's schema can never make the relay fetch a URL ($ref to http://...).
+        validator = jsonschema.validators.validator_for(schema)(schema, registry=Registry())
+        validator.check_schema(schema)
+        errors = list(itertools.islice(validator.iter_errors(data), 1))
+    except Exception:  # an unusable schema (bad $ref, invalid): judge by parsing alone
+        return True
+    return not errors

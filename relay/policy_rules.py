@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TASKS = ("json", "tools", "code", "chat", "creative", "summary", "translation")
 Task = Literal["json", "tools", "code", "chat", "creative", "summary", "translation"]
@@ -65,13 +65,24 @@ class PenaltyRule(Bound):
     default: float | None = Field(default=None, ge=-2, le=2)
 
 
-class TopKRule(_Rule):
+class _IntBound(_Rule):
+    @model_validator(mode="after")
+    def _consistent(self):
+        lo, hi, default = getattr(self, "min", None), self.max, self.default
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError("min must not exceed max")
+        if default is not None and ((lo is not None and default < lo) or (hi is not None and default > hi)):
+            raise ValueError("default must lie within min and max")
+        return self
+
+
+class TopKRule(_IntBound):
     min: int | None = Field(default=None, ge=1)
     max: int | None = Field(default=None, ge=1)
     default: int | None = Field(default=None, ge=1)
 
 
-class MaxTokensRule(_Rule):
+class MaxTokensRule(_IntBound):
     max: int | None = Field(default=None, ge=1)
     default: int | None = Field(default=None, ge=1)
 
@@ -103,6 +114,14 @@ class Rules(_Rule):
     drop: list[str] = Field(default_factory=list)  # parameters the model's channels cannot take
     json_retry: JsonRetry | None = None
     cache: CacheRule | None = None
+
+    @field_validator("drop")
+    @classmethod
+    def _droppable(cls, params: list[str]) -> list[str]:
+        essential = {"model", "messages", "prompt", "stream"} & set(params)
+        if essential:
+            raise ValueError(f"{', '.join(sorted(essential))} cannot be dropped")
+        return params
 
 
 PRESETS: dict[str, dict] = {

@@ -150,3 +150,46 @@ def test_rewritten_request_respects_bounds(temperature, top_p, presence, frequen
         assert rule.get("min", -math.inf) <= value <= rule.get("max", math.inf), (param, value, rule)
     for r in rewrites:  # every change is recorded with where it came from
         assert set(r) == {"param", "from", "to", "rule"} and r["rule"]
+
+
+def test_json_retry_never_samples_below_the_floor():
+    rules = Rules.model_validate(PRESETS["qwen1.5"])
+    outcome = apply_policy([PolicyInfo(1, 1, "*", None, 0, rules)], {"model": "m", "temperature": 0.6}, None)
+    cooled = cooler(outcome, 1).request
+    assert cooled["top_k"] == 1 and cooled["temperature"] >= 0.5  # greedy the Qwen way, not 0.4
+
+
+def test_greedy_top_k_is_not_undone_by_a_top_k_rule():
+    rules = Rules.model_validate({"temperature": {"greedy_below": 0.1}, "greedy_as": "top_k_one",
+                                  "top_k": {"min": 3, "default": 40}})
+    assert rewrite(rules, {"model": "m", "temperature": 0}, "chat")[0]["top_k"] == 1
+
+
+@pytest.mark.parametrize("rules", [{"drop": ["model"]}, {"drop": ["messages", "x"]}, {"top_k": {"min": 5, "max": 2}},
+                                   {"max_tokens": {"max": 10, "default": 20}}])
+def test_more_invalid_rules(rules):
+    with pytest.raises(ValueError):
+        Rules.model_validate(rules)
+
+
+def test_json_schema_refs_are_never_fetched():
+    from relay.policy import json_answer_ok
+
+    request = {"response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"$ref": "http://127.0.0.1:9/unreachable.json"}}}}
+    answer = {"choices": [{"message": {"content": '{"a": 1}'}}]}
+    assert json_answer_ok(answer, request)  # judged by parsing alone; nothing fetched, nothing raised
+    typed = {"response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "required": ["b"]}}}}
+    assert not json_answer_ok(answer, typed)
+    assert json_answer_ok({"choices": [{"message": {"content": '{"b": 2}'}}]}, typed)
+    assert json_answer_ok(answer, {"response_format": {"type": "json_schema", "json_schema": "x"}})
+
+
+def test_rewrites_header_is_ascii_and_single_line():
+    from relay.policy import PolicyOutcome
+
+    outcome = PolicyOutcome({}, [{"param": "stop", "from": "終\n;", "to": None, "rule": "drop"}])
+    header = outcome.rewrites_header()
+    header.encode("latin-1")
+    assert "\n" not in header and header.count(";") == 0
