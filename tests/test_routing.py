@@ -66,7 +66,7 @@ def test_weighted_split_inside_a_tier(relay, upstream):
         split = Counter(client.post(relay.url + "/v1/chat/completions", json={
             "model": model, "messages": [{"role": "user", "content": "hi"}]}).headers["x-relay-channel"]
             for _ in range(400))
-    assert 0.70 <= split[f"heavy-{model}"] / 400 <= 0.80, split
+    assert 0.68 <= split[f"heavy-{model}"] / 400 <= 0.82, split  # 3:1, ±3 standard deviations
 
 
 def test_circuit_breaker_cools_a_failing_channel(relay, upstream, calls):
