@@ -121,19 +121,16 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        body = parse_body(await request.body(), WorkerChatRequest)
-        check_model(body)
-        plan = chat_plan(body, lm)
-        return await respond(request, body, plan, chat=True)
+        return await respond(request, WorkerChatRequest, chat_plan, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = parse_body(await request.body(), WorkerCompletionRequest)
-        check_model(body)
-        plan = completion_plan(body, lm)
-        return await respond(request, body, plan, chat=False)
+        return await respond(request, WorkerCompletionRequest, completion_plan, chat=False)
 
-    async def respond(request: Request, body: dict[str, Any], plan: Plan, chat: bool) -> Response:
+    async def respond(request: Request, schema: type, make_plan: Any, chat: bool) -> Response:
+        body = parse_body(await request.body(), schema)
+        check_model(body)
+        plan: Plan = make_plan(body, lm)
         reqs = worker.requests(plan)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body["model"]}
