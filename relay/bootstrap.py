@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -20,13 +21,30 @@ from relay.models import ApiKey, Channel, Tenant, utcnow
 log = logging.getLogger("relay.bootstrap")
 
 LOCAL_CHANNEL = "local"
+PARENT_ENV = "RELAY_WORKER_PARENT"
+
+
+def exit_with_parent() -> None:
+    """In a worker started by `serve --with-worker`: exit as soon as the gateway that started it is gone."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def start_worker(model: str, port: int, timeout_s: float = 600) -> tuple[subprocess.Popen, str, str]:
     """Starts `policy-relay worker` as a child process; returns it, its URL and the model name it serves."""
     cmd = [sys.executable, "-m", "relay.cli", "worker", "--model", model, "--port", str(port),
            "--log-level", "warning"]
-    process = subprocess.Popen(cmd, env=os.environ.copy())
+    # The worker watches this pid and exits when it is gone: uvicorn re-raises SIGTERM after its graceful
+    # shutdown, so the gateway can die without running atexit, and an orphaned worker holds its model.
+    process = subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})
     atexit.register(_stop, process)
     url = f"http://127.0.0.1:{port}"
     log.info("starting the local worker for %s on %s (the first start of a model can take a minute)", model, url)

@@ -38,7 +38,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from backends.loading import load
     from backends.server import create_worker_app
+    from relay.bootstrap import exit_with_parent
 
+    exit_with_parent()
     lm = load(args.model, device=args.device, dtype=args.dtype)
     logging.getLogger("relay").info("worker serving %s on %s (%s)", lm.name, lm.device, lm.dtype)
     uvicorn.run(create_worker_app(lm, max_batch=args.max_batch), host=args.host, port=args.port,

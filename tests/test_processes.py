@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -66,7 +67,8 @@ def test_serve_with_worker_answers_offline(tmp_path):
     """`serve --with-worker MODEL` starts a worker, registers the `local` channel and, on a new database,
     prints a first key: the README's run command, on the tiny model."""
     url = f"sqlite:///{tmp_path / 'with-worker.db'}"
-    with run_relay(url, tmp_path, "--with-worker", "tiny-qwen2", "--worker-port", str(free_port())) as relay:
+    worker_port = free_port()
+    with run_relay(url, tmp_path, "--with-worker", "tiny-qwen2", "--worker-port", str(worker_port)) as relay:
         key = re.search(r"sk-[A-Za-z0-9_-]{43}", relay.log_path.read_text()).group(0)
         client = relay.client(key)
         raw = client.chat.completions.with_raw_response.create(
@@ -78,3 +80,13 @@ def test_serve_with_worker_answers_offline(tmp_path):
                                                      stream_options={"include_usage": True}))
         assert chunks[-1].usage.completion_tokens == 5
         assert [c.id for c in client.models.list()] == ["tiny-qwen2"]
+    # The gateway is gone (SIGTERM): its worker must not stay behind holding the model.
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{worker_port}/health", timeout=1)
+            time.sleep(0.2)
+        except httpx.HTTPError:
+            break
+    else:
+        raise AssertionError("the worker outlived its gateway")
