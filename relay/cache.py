@@ -120,15 +120,16 @@ class ResponseCache:
 
     async def wait_for(self, key: str, timeout_s: float) -> dict[str, Any] | None:
         """Another request is fetching this answer: wait for it (or for its lock to go away)."""
+        async def value_and_lock() -> list:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.exists(key + ":lock")
+            return await pipe.execute()
+
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.enabled:
             await asyncio.sleep(0.02)
-            async def both():
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.get(key)
-                pipe.exists(key + ":lock")
-                return await pipe.execute()
-            result = await self._call(both)
+            result = await self._call(value_and_lock)
             if result is None:
                 return None
             value, locked = result

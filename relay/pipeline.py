@@ -100,7 +100,7 @@ class Pipeline:
             cacheable = cache_plan(call.endpoint, attempt.outcome, call.principal.tenant.id, ordered,
                                    call.cache_control) if self.cache.enabled else None
             if cacheable is not None:
-                stored = await self._lookup(attempt, cacheable)
+                stored = await self._lookup(attempt, cacheable, ordered)
                 if stored is not None:
                     return self._hit(attempt, stored)
             if attempt.outcome.request.get("stream"):
@@ -116,15 +116,14 @@ class Pipeline:
 
     # --- cache ----------------------------------------------------------------------------------------
 
-    async def _lookup(self, attempt: _Attempt, p: CachePlan) -> dict[str, Any] | None:
+    async def _lookup(self, attempt: _Attempt, p: CachePlan, channels: list[Channel]) -> dict[str, Any] | None:
         """A stored answer, or None with the attempt set up as a miss (owning the single-flight lock)."""
         if p.lookup:
             stored = await self.cache.get(p.key)
             if stored is not None:
                 return stored
         if p.store:
-            lock_s = max((c.config.timeout_s for c in self.catalog.snapshot.channels_by_model.get(p.model, [])),
-                         default=60.0) + 5
+            lock_s = max((c.config.timeout_s for c in channels), default=60.0) + 5
             attempt.lock = await self.cache.acquire(p.key, lock_s)
             if attempt.lock is None and p.lookup and self.cache.enabled:
                 # An identical request is being answered right now: take its answer instead of a second call.
