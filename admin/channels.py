@@ -1,4 +1,4 @@
-"""/admin/channels — api_key is write-only: accepted here, never returned."""
+"""/admin/channels — api_key is write-only: accepted here, stored encrypted, never returned."""
 
 from __future__ import annotations
 
@@ -8,22 +8,24 @@ from fastapi import APIRouter, Depends, Request
 from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
-from admin.crud import apply_patch, commit, get_or_404, snapshot_row
-from admin.deps import RowId, db_session, require_admin
+from admin import service
+from admin.crud import get_or_404
+from admin.deps import RowId, announce, db_session, require_admin, secret_box
 from admin.schemas import ChannelCreate, ChannelOut, ChannelUpdate
 from channels.base import UpstreamError
 from channels.registry import build
 from relay.catalog import channel_config
 from relay.models import Channel, utcnow
+from relay.secrets import SecretBox
 
 router = APIRouter(prefix="/admin/channels", tags=["channels"])
 
 
 @router.post("", status_code=201, response_model=ChannelOut)
 def create_channel(body: ChannelCreate, request: Request, s: Session = Depends(db_session),
-                   actor: str = Depends(require_admin)) -> ChannelOut:
-    channel = Channel(**body.model_dump(exclude_none=True))
-    commit(s, request, action="create", entity="channel", row=channel, before=None, actor=actor)
+                   box: SecretBox = Depends(secret_box), actor: str = Depends(require_admin)) -> ChannelOut:
+    channel = service.create_channel(s, body, actor, box)
+    announce(request)
     return ChannelOut.of(channel)
 
 
@@ -40,29 +42,26 @@ def get_channel(channel_id: RowId, s: Session = Depends(db_session),
 
 @router.patch("/{channel_id}", response_model=ChannelOut)
 def update_channel(channel_id: RowId, body: ChannelUpdate, request: Request, s: Session = Depends(db_session),
-                   actor: str = Depends(require_admin)) -> ChannelOut:
-    channel = get_or_404(s, Channel, channel_id, "channel")
-    before = snapshot_row(channel)
-    apply_patch(channel, body.model_dump(exclude_unset=True))
-    commit(s, request, action="update", entity="channel", row=channel, before=before, actor=actor)
+                   box: SecretBox = Depends(secret_box), actor: str = Depends(require_admin)) -> ChannelOut:
+    channel = service.update_channel(s, channel_id, body, actor, box)
+    announce(request)
     return ChannelOut.of(channel)
 
 
 @router.delete("/{channel_id}", status_code=204)
 def delete_channel(channel_id: RowId, request: Request, s: Session = Depends(db_session),
                    actor: str = Depends(require_admin)) -> None:
-    channel = get_or_404(s, Channel, channel_id, "channel")
-    before = snapshot_row(channel)
-    s.delete(channel)
-    commit(s, request, action="delete", entity="channel", row=channel, before=before, actor=actor)
+    service.delete_channel(s, channel_id, actor)
+    announce(request)
 
 
 @router.post("/{channel_id}/test", response_model=ChannelOut)
 async def test_channel(channel_id: RowId, request: Request, model: str | None = None,
-                       s: Session = Depends(db_session), _: str = Depends(require_admin)) -> ChannelOut:
+                       s: Session = Depends(db_session), box: SecretBox = Depends(secret_box),
+                       _: str = Depends(require_admin)) -> ChannelOut:
     """Sends new-api's test request ("hi", max_tokens 16) and stores latency and outcome."""
     row = await run_in_threadpool(get_or_404, s, Channel, channel_id, "channel")
-    config = channel_config(row)
+    config = channel_config(row, box)
     requested = model or config.models[0]
     probe = {"model": config.upstream_model(requested), "max_tokens": 16,
              "messages": [{"role": "user", "content": "hi"}]}
@@ -81,7 +80,7 @@ async def test_channel(channel_id: RowId, request: Request, model: str | None = 
     row.last_test_ok = ok
     row.last_test_latency_ms = round((time.perf_counter() - started) * 1000, 3)
     row.last_test_error = error
-    # Not an edit of the configuration: updated_at stays, so no process reloads for a test.
+    # Not an edit of the configuration: no audit event, no version bump, no reload anywhere.
     s.add(row)
     await run_in_threadpool(s.commit)
     return ChannelOut.of(row)

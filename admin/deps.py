@@ -1,4 +1,5 @@
-"""Dependencies shared by the admin routers: the admin token check and a database session."""
+"""What the admin routers share: the admin token check (also run as middleware, before any body is read),
+a database session, the secret box, and announcing an edit to every gateway process."""
 
 from __future__ import annotations
 
@@ -8,26 +9,62 @@ from typing import Annotated
 
 from fastapi import Path, Query, Request
 from sqlmodel import Session
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.auth import bearer_token
 from relay.errors import RelayError
+from relay.secrets import SecretBox
 
 # Row ids in paths and filters: out-of-range integers are a 400/404, never a database overflow.
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 FilterId = Annotated[int | None, Query(ge=1, le=2**31 - 1)]
+ADMIN_PREFIX = "/admin"
 
 
-def require_admin(request: Request) -> str:
-    expected = request.app.state.settings.admin_token
+def admin_actor(expected: str | None, authorization: str | None) -> str:
     if not expected:
         raise RelayError(401, "The admin API is disabled: start the relay with RELAY_ADMIN_TOKEN set.",
                          "invalid_request_error", None, "admin_disabled")
-    token = bearer_token(request.headers.get("authorization"))
+    token = bearer_token(authorization)
     if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
         raise RelayError(401, "Incorrect admin token.", "invalid_request_error", None, "invalid_admin_token")
     return "admin"
 
 
+def require_admin(request: Request) -> str:
+    return admin_actor(request.app.state.settings.admin_token, request.headers.get("authorization"))
+
+
+class AdminGuard:
+    """Refuses /admin requests without the admin token before anything reads their body, so a stranger's
+    megabytes are never parsed (FastAPI parses a body before running dependencies)."""
+
+    def __init__(self, app: ASGIApp, admin_token: str | None) -> None:
+        self.app = app
+        self.admin_token = admin_token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+            headers = dict(scope.get("headers") or [])
+            authorization = headers.get(b"authorization", b"").decode("latin-1")
+            try:
+                admin_actor(self.admin_token, authorization)
+            except RelayError as exc:
+                await exc.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def db_session(request: Request) -> Iterator[Session]:
     with Session(request.app.state.engine, expire_on_commit=False) as session:
         yield session
+
+
+def secret_box(request: Request) -> SecretBox:
+    return request.app.state.catalog.box
+
+
+def announce(request: Request) -> None:
+    """After a write: this process reloads now, the others are nudged (or see the version at their poll)."""
+    request.app.state.config_sync.changed()

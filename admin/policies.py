@@ -8,11 +8,12 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, select
 
-from admin.crud import apply_patch, commit, get_or_404, snapshot_row
-from admin.deps import RowId, db_session, require_admin
+from admin import service
+from admin.crud import get_or_404
+from admin.deps import RowId, announce, db_session, require_admin
 from admin.schemas import INT32_MAX, Int32, ModelName, RowRef, _Patch
-from relay.errors import bad_request, not_found
-from relay.models import ModelPolicy, Tenant
+from relay.errors import bad_request
+from relay.models import ModelPolicy
 from relay.policy import apply_policy
 from relay.policy_rules import PRESETS, Rules
 
@@ -69,11 +70,6 @@ def _stored(rules: Rules | None, preset: str | None) -> dict[str, Any]:
     return (rules or Rules.model_validate(PRESETS[preset or ""])).model_dump(exclude_none=True)
 
 
-def _check_tenant(s: Session, tenant_id: int | None) -> None:
-    if tenant_id is not None and s.get(Tenant, tenant_id) is None:
-        raise not_found(f"No tenant with id {tenant_id}.", "tenant_id", "tenant_not_found")
-
-
 @router.get("/presets")
 def presets(_: str = Depends(require_admin)) -> dict[str, Any]:
     return {name: Rules.model_validate(rules).model_dump(exclude_none=True) for name, rules in PRESETS.items()}
@@ -91,10 +87,10 @@ def explain(body: ExplainBody, request: Request, _: str = Depends(require_admin)
 @router.post("", status_code=201, response_model=PolicyOut)
 def create_policy(body: PolicyCreate, request: Request, s: Session = Depends(db_session),
                   actor: str = Depends(require_admin)) -> ModelPolicy:
-    _check_tenant(s, body.tenant_id)
-    policy = ModelPolicy(model_pattern=body.model_pattern, tenant_id=body.tenant_id, priority=body.priority,
-                         rules=_stored(body.rules, body.preset), enabled=body.enabled)
-    commit(s, request, action="create", entity="policy", row=policy, before=None, actor=actor)
+    policy = service.create_policy(s, {"model_pattern": body.model_pattern, "tenant_id": body.tenant_id,
+                                       "priority": body.priority, "rules": _stored(body.rules, body.preset),
+                                       "enabled": body.enabled}, actor)
+    announce(request)
     return policy
 
 
@@ -111,25 +107,18 @@ def get_policy(policy_id: RowId, s: Session = Depends(db_session), _: str = Depe
 @router.patch("/{policy_id}", response_model=PolicyOut)
 def update_policy(policy_id: RowId, body: PolicyUpdate, request: Request, s: Session = Depends(db_session),
                   actor: str = Depends(require_admin)) -> ModelPolicy:
-    policy = get_or_404(s, ModelPolicy, policy_id, "policy")
-    before = snapshot_row(policy)
     changes = body.model_dump(exclude_unset=True, exclude={"rules", "preset"})
     if body.rules is not None or body.preset is not None:
         if body.rules is not None and body.preset is not None:
             raise bad_request("Give at most one of `rules` and `preset`.", "rules")
         changes["rules"] = _stored(body.rules, body.preset)
-    if "tenant_id" in changes:
-        _check_tenant(s, changes["tenant_id"])
-    apply_patch(policy, changes)
-    policy.version += 1  # part of the cache key: an edit never serves answers cached under old rules
-    commit(s, request, action="update", entity="policy", row=policy, before=before, actor=actor)
+    policy = service.update_policy(s, policy_id, changes, actor)
+    announce(request)
     return policy
 
 
 @router.delete("/{policy_id}", status_code=204)
 def delete_policy(policy_id: RowId, request: Request, s: Session = Depends(db_session),
                   actor: str = Depends(require_admin)) -> None:
-    policy = get_or_404(s, ModelPolicy, policy_id, "policy")
-    before = snapshot_row(policy)
-    s.delete(policy)
-    commit(s, request, action="delete", entity="policy", row=policy, before=before, actor=actor)
+    service.delete_policy(s, policy_id, actor)
+    announce(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -18,6 +19,7 @@ Int32 = Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)]
 Tokens = Annotated[int, Field(ge=0, le=2**53)]
 RowRef = Annotated[int, Field(ge=1, le=INT32_MAX)]
 ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+FieldName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^(\*|[A-Za-z_][A-Za-z0-9_.-]*)$")]
 
 
 class _In(BaseModel):
@@ -148,11 +150,24 @@ class _ChannelFields(_In):
     options: dict[str, Any] | None = None
     capabilities: dict[str, Any] | None = None
 
+    passthrough: Annotated[list[FieldName], Field(max_length=200)] | None = None
+
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
+        if v is None:
+            return v
+        if any(ch.isspace() or ord(ch) < 32 for ch in v):
+            raise ValueError("must not contain spaces or control characters")
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https"):
             raise ValueError("must start with http:// or https://")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("the port must be a number from 1 to 65535") from None
+        if not parts.hostname or port == 0:
+            raise ValueError("must name a host (and a port from 1 to 65535, if any)")
         return v
 
 
@@ -166,13 +181,13 @@ class ChannelCreate(_ChannelFields):
     name: Name
     type: str
     models: Annotated[list[ModelName], Field(min_length=1)]
-    status: Literal["enabled", "disabled"] = "enabled"
+    status: Literal["enabled", "disabled", "auto_disabled"] = "enabled"
 
     _type = field_validator("type")(classmethod(lambda cls, v: _known_type(v)))
 
 
 class ChannelUpdate(_ChannelFields, _Patch):
-    nullable = frozenset({"base_url", "api_key"})
+    nullable = frozenset({"base_url", "api_key", "passthrough"})
     name: Name | None = None
     type: str | None = None
     models: Annotated[list[ModelName], Field(min_length=1)] | None = None
@@ -198,6 +213,7 @@ class ChannelOut(_Out):
     retries: int
     options: dict[str, Any]
     capabilities: dict[str, Any]
+    passthrough: list[str] | None
     last_test_at: datetime | None
     last_test_ok: bool | None
     last_test_latency_ms: float | None

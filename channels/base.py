@@ -26,6 +26,7 @@ class ChannelConfig:
     retries: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     capabilities: dict[str, Any] = field(default_factory=dict)
+    passthrough: frozenset[str] | None = None  # non-core request fields allowed upstream; None: the default
 
     def upstream_model(self, model: str) -> str:
         return self.model_mapping.get(model, model)
@@ -39,12 +40,14 @@ ONE_API_DISABLE_WORDS = ("credit", "balance", "permission denied", "insufficient
 class UpstreamError(Exception):
     """A failure talking to the channel, already classified for routing and for the client."""
 
-    def __init__(self, status: int, message: str, *, retryable: bool, kind: str = "upstream_error") -> None:
+    def __init__(self, status: int, message: str, *, retryable: bool, kind: str = "upstream_error",
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retryable = retryable  # connect errors, timeouts, 429 and 5xx; never 4xx client errors
         self.kind = kind
+        self.param = param  # the request field an upstream 4xx names, when it names one
 
 
 class Channel(ABC):

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,15 +44,17 @@ for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
 
 # litellm adds its own bookkeeping to every object; clients of an OpenAI API must not see it.
 _PRIVATE_KEYS = frozenset({"provider_specific_fields", "_hidden_params", "_response_ms"})
-# OpenAI's own request fields go to litellm as arguments. Anything else a client sends travels in
-# `extra_body`, so it reaches the upstream's JSON (vLLM's top_k, ...) but can never be taken by litellm as
-# one of its own arguments (api_base, headers, mock_response, model_list, ...).
-_OPENAI_FIELDS = frozenset({
-    "messages", "prompt", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
+# OpenAI's own request fields of each endpoint go to litellm as arguments. Anything else a client sends (and
+# the relay let through) travels in `extra_body`, so it reaches the upstream's JSON (vLLM's top_k, ...) but can
+# never be taken by litellm as one of its own arguments (api_base, headers, mock_response, model_list, ...).
+_CHAT_FIELDS = frozenset({
+    "messages", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
     "max_completion_tokens", "n", "presence_penalty", "response_format", "seed", "stop", "stream",
     "stream_options", "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls", "user", "functions",
-    "function_call", "reasoning_effort", "modalities", "audio", "prediction", "service_tier", "store",
-    "best_of", "echo", "suffix"})
+    "function_call", "reasoning_effort", "modalities", "audio", "prediction", "service_tier", "store"})
+_COMPLETION_FIELDS = frozenset({
+    "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+    "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user"})
 _NOT_FORWARDED = frozenset({"model", "metadata"})  # metadata carries relay hints (metadata.task)
 
 
@@ -89,6 +92,11 @@ _TIMEOUTS = (litellm.Timeout, openai.APITimeoutError, TimeoutError, httpx.Timeou
 _NETWORK = (ConnectionError, socket.gaierror, httpx.TransportError, aiohttp.ClientConnectionError)
 
 
+# Error codes (or types) with which an upstream says the relay's own key is bad, not the request.
+CREDENTIAL_CODES = frozenset({"invalid_api_key", "account_deactivated", "invalid_authentication",
+                              "authentication_error", "invalid_organization", "organization_deactivated"})
+
+
 def classify(exc: Exception) -> UpstreamError:
     """Map litellm/openai exceptions to retryable-or-not upstream errors. Messages are ours, so a
     provider's words about credit or balance never reach ONE API (it would disable this relay)."""
@@ -100,16 +108,21 @@ def classify(exc: Exception) -> UpstreamError:
     if any(isinstance(e, _NETWORK) for e in chain):
         return UpstreamError(502, "Could not connect to the upstream channel.", retryable=True,
                              kind="connect_error")
-    if isinstance(exc, litellm.APIConnectionError):
-        # No network error behind it: litellm could not build the upstream request from this body.
-        return UpstreamError(400, f"This request cannot be sent to the upstream: {_provider_message(exc)}",
-                             retryable=False, kind="invalid_request_error")
+    unsendable = _unsendable(exc, chain)
+    if unsendable is not None:
+        return unsendable
     if isinstance(exc, litellm.ContextWindowExceededError | litellm.UnsupportedParamsError) or status in (
             400, 413, 422):
-        return UpstreamError(400, _provider_message(exc), retryable=False, kind="invalid_request_error")
-    if status in (401, 403):
+        return UpstreamError(400, _provider_message(exc), retryable=False, kind="invalid_request_error",
+                             param=_provider_error(exc).get("param"))
+    if status == 401 or (status == 403 and _is_credential_error(exc)):
         return UpstreamError(502, "The upstream channel rejected the relay's credentials.", retryable=True,
                              kind="upstream_auth")
+    if status == 403:
+        # About this request (a model or feature the relay's key may not use): the client's 4xx, and no
+        # reason to doubt the channel.
+        return UpstreamError(403, f"The upstream refused this request: {_provider_message(exc)}",
+                             retryable=False, kind="upstream_forbidden")
     if status == 404:
         return UpstreamError(502, "The upstream channel does not serve this model.", retryable=True,
                              kind="upstream_not_found")
@@ -117,6 +130,39 @@ def classify(exc: Exception) -> UpstreamError:
         return UpstreamError(429, "The upstream channel is busy; retry shortly.", retryable=True,
                              kind="upstream_rate_limited")
     return UpstreamError(502, f"The upstream channel failed (status {status or 'unknown'}).", retryable=True)
+
+
+def _unsendable(exc: Exception, chain: list[BaseException]) -> UpstreamError | None:
+    """litellm could not build the upstream request from this body (nothing was sent): the request's 400,
+    never a failure of the channel."""
+    if isinstance(exc, litellm.APIConnectionError) or any(isinstance(e, TypeError) for e in chain):
+        text = " ".join(str(e) for e in chain)
+        match = re.search(r"unexpected keyword argument '([^']+)'", text)
+        if match:
+            return UpstreamError(400, f"This endpoint does not take the parameter `{match.group(1)}`.",
+                                 retryable=False, kind="invalid_request_error", param=match.group(1))
+        return UpstreamError(400, "This request cannot be sent to the upstream in this form.", retryable=False,
+                             kind="invalid_request_error")
+    return None
+
+
+def _provider_error(exc: Exception) -> dict[str, Any]:
+    """The upstream's own `error` object, from the SDK's parsed body or litellm's message text."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        return body.get("error", body) if isinstance(body.get("error", body), dict) else {}
+    text = str(getattr(exc, "message", None) or exc)
+    if "{" in text:
+        with contextlib.suppress(ValueError, TypeError):
+            data = json.loads(text[text.index("{"):])
+            error = data.get("error", data) if isinstance(data, dict) else None
+            return error if isinstance(error, dict) else {}
+    return {}
+
+
+def _is_credential_error(exc: Exception) -> bool:
+    error = _provider_error(exc)
+    return bool({str(error.get("code")), str(error.get("type"))} & CREDENTIAL_CODES)
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -131,13 +177,11 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def _provider_message(exc: Exception) -> str:
     """The provider's own message (unwrapped from litellm's prefixes and JSON), unless it carries words
     that would make ONE API disable this relay."""
-    text = str(getattr(exc, "message", None) or exc).strip()
+    message = _provider_error(exc).get("message")
+    text = message if isinstance(message, str) else str(getattr(exc, "message", None) or exc)
     for marker in ("Exception - ", "Error: "):
-        if marker in text:
+        if marker in text and not isinstance(message, str):
             text = text.split(marker, 1)[1]
-    if "{" in text:
-        with contextlib.suppress(ValueError, AttributeError, TypeError):
-            text = str(json.loads(text[text.index("{"):])["error"]["message"])
     text = (text.strip().splitlines() or [""])[0][:500]
     if not text or any(word in text.lower() for word in ONE_API_DISABLE_WORDS):
         return "The upstream rejected the request."
@@ -164,8 +208,9 @@ class LiteLLMChannel(Channel):
         return kwargs
 
     def _kwargs(self, request: dict[str, Any], *, text: bool = False) -> dict[str, Any]:
-        body = {k: v for k, v in request.items() if k in _OPENAI_FIELDS}
-        extra = {k: v for k, v in request.items() if k not in _OPENAI_FIELDS and k not in _NOT_FORWARDED}
+        fields = _COMPLETION_FIELDS if text else _CHAT_FIELDS
+        body = {k: v for k, v in request.items() if k in fields}
+        extra = {k: v for k, v in request.items() if k not in fields and k not in _NOT_FORWARDED}
         if extra:
             body["extra_body"] = extra
         body["model"] = (self.text_model if text else self.litellm_model)(request["model"])

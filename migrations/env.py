@@ -29,6 +29,11 @@ def run_migrations_online() -> None:
 
 
 def _run(connection) -> None:
+    if connection.dialect.name == "sqlite":
+        # Batch mode rebuilds tables (drop + rename); with foreign keys enforced, dropping a referenced table
+        # fails. The pragma is ignored inside a transaction, so it is set before Alembic opens one.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()
     # render_as_batch: SQLite cannot ALTER most things, batch mode rebuilds the table instead.
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
                       compare_type=True)

@@ -1,8 +1,13 @@
-"""The OpenAI-compatible HTTP surface: parse, validate, authenticate, hand to the pipeline, encode."""
+"""The OpenAI-compatible HTTP surface: authenticate, read and validate the body, hand to the pipeline, encode.
+
+Bodies are read as raw bytes (FastAPI's `max_body_size` stops an oversized one while it is read) and parsed by
+relay.openai_schema; the request schemas are still published in /openapi.json for clients and fuzzers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -15,6 +20,24 @@ from relay.pipeline import Pipeline, RelayCall
 
 router = APIRouter()
 _STARTED = int(time.time())
+_PARSE_INLINE_BYTES = 1 << 20  # larger bodies are parsed and validated off the event loop
+
+
+def _openapi_body(schema: type) -> dict[str, Any]:
+    """The pydantic model as an OpenAPI request body, its $defs inlined."""
+    spec = schema.model_json_schema()
+    defs = spec.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(spec)}}}}
 
 
 def _pipeline(request: Request) -> Pipeline:
@@ -29,13 +52,17 @@ def _principal(request: Request):
 async def _relay(request: Request, endpoint: str, schema) -> Response:
     started = time.perf_counter()
     principal = _principal(request)  # a bad key is a 401 even when the body is broken too
+    raw = await request.body()
     try:
-        body = parse_body(await request.body(), schema)
+        if len(raw) <= _PARSE_INLINE_BYTES:
+            body = parse_body(raw, schema)
+        else:
+            body = await asyncio.to_thread(parse_body, raw, schema)
     except RelayError as exc:
         _pipeline(request).reject(RelayCall(endpoint, {"model": "(invalid request)"}, principal, started), exc)
         raise
     call = RelayCall(endpoint, body, principal, started, request.headers.get("x-relay-task"),
-                     request.headers.get("cache-control"))
+                     request.headers.get("cache-control"), len(raw))
     result = await _pipeline(request).run(call)
     if result.stream is not None:
         return StreamingResponse(result.stream, media_type="text/event-stream",
@@ -43,17 +70,17 @@ async def _relay(request: Request, endpoint: str, schema) -> Response:
     return Response(orjson.dumps(result.body), media_type="application/json", headers=result.headers)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatRequest), tags=["openai"])
 async def chat_completions(request: Request) -> Response:
     return await _relay(request, "chat", ChatRequest)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=_openapi_body(CompletionRequest), tags=["openai"])
 async def completions(request: Request) -> Response:
     return await _relay(request, "completions", CompletionRequest)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", tags=["openai"])
 async def list_models(request: Request) -> Response:
     principal = _principal(request)
     snapshot = _pipeline(request).catalog.snapshot
@@ -64,7 +91,7 @@ async def list_models(request: Request) -> Response:
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", tags=["openai"])
 async def retrieve_model(model: str, request: Request) -> Response:
     principal = _principal(request)
     snapshot = _pipeline(request).catalog.snapshot

@@ -1,5 +1,5 @@
-"""The application factory: wires settings, database, in-memory catalog, usage recorder, pipeline
-and routers, and runs the background loops (config poll, log flush)."""
+"""The application factory: wires settings, database, secrets, in-memory catalog, Redis state, accounting,
+pipeline and routers, and runs the background loops (config poll and nudges, log flush, cache statistics)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,33 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlmodel import Session
 
 from admin import cache as admin_cache
 from admin import channels as admin_channels
 from admin import keys as admin_keys
 from admin import policies as admin_policies
+from admin import service
 from admin import tenants as admin_tenants
 from admin import usage as admin_usage
+from admin.deps import AdminGuard
+from channels.base import Channel
 from channels.litellm_base import warm_up
-from relay import __version__
+from relay import __version__, config_state
+from relay.accounting import Accounting
 from relay.api import router as openai_router
 from relay.cache import ResponseCache
 from relay.catalog import Catalog
 from relay.circuit import CircuitBreaker
+from relay.config_sync import ConfigSync
 from relay.db import make_engine
 from relay.errors import install_handlers
+from relay.lifecycle import Drain
 from relay.limits import RateLimiter
 from relay.pipeline import Pipeline
+from relay.quota import QuotaLedger
 from relay.redis_state import RedisState
+from relay.secrets import resolve_box
 from relay.settings import Settings
 from relay.usage import UsageRecorder
 
@@ -49,21 +58,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
-        catalog = Catalog(engine)
-        usage = UsageRecorder(engine)
+        box = resolve_box(settings.database_url, settings.secret_key, settings.secret_key_file)
         try:
-            await asyncio.to_thread(catalog.reload)
+            await asyncio.to_thread(config_state.check_secret_key, engine, box)
+            state = await asyncio.to_thread(config_state.read, engine)
         except (OperationalError, ProgrammingError) as exc:
             raise RuntimeError("The database has no policy-relay schema: run `policy-relay db upgrade` "
                                f"(RELAY_DATABASE_URL={settings.database_url}).") from exc
+        catalog = Catalog(engine, box)
+        usage = UsageRecorder(engine)
+        await asyncio.to_thread(catalog.reload)
         await usage.flush()  # loads the current token totals
         await warm_up()
-        redis_state = RedisState(settings.redis_url)
+        redis_state = RedisState(settings.redis_url, state.deployment_id)
         cache = ResponseCache(redis_state)
+        config_sync = ConfigSync(catalog, redis_state, settings.config_poll_s)
+        limits = RateLimiter(redis_state, settings.rate_burst_s)
+        accounting = Accounting(usage, limits, QuotaLedger(redis_state, usage), cache.stats, settings.output_estimate)
+
+        async def disable_channel(channel: Channel, reason: str) -> None:
+            def write() -> bool:
+                with Session(engine) as s:
+                    return service.auto_disable(s, channel.config.id, reason)
+
+            if await asyncio.to_thread(write):
+                log.error("channel %s auto-disabled: %s", channel.config.name, reason)
+                await asyncio.to_thread(config_sync.changed)
+
+        drain = Drain(settings.drain_timeout_s)
+        drain.install()
         app.state.engine, app.state.catalog, app.state.usage, app.state.cache = engine, catalog, usage, cache
+        app.state.config_sync = config_sync
         breaker = CircuitBreaker(redis_state, settings.circuit_failures, settings.circuit_cooldown_s)
-        app.state.pipeline = Pipeline(catalog, usage, cache, RateLimiter(redis_state, settings.rate_burst_s), breaker)
-        tasks = [asyncio.create_task(catalog.poll_forever(settings.config_poll_s)),
+        app.state.pipeline = Pipeline(catalog, accounting, cache, breaker, drain, disable_channel)
+        tasks = [asyncio.create_task(config_sync.poll_forever()),
+                 asyncio.create_task(config_sync.listen_forever()),
                  asyncio.create_task(usage.flush_forever(settings.log_flush_s)),
                  asyncio.create_task(_every(settings.log_flush_s, cache.flush_stats))]
         app.state.ready = True
@@ -77,11 +106,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await usage.flush()
             await cache.flush_stats()
             await redis_state.close()
+            config_sync.close()
             engine.dispose()
 
-    app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan,
+                  max_body_size=settings.max_body_bytes)
     app.state.settings = settings
     app.state.ready = False
+    app.add_middleware(AdminGuard, admin_token=settings.admin_token)
     install_handlers(app)
     app.include_router(openai_router)
     for module in (admin_tenants, admin_keys, admin_channels, admin_policies, admin_cache, admin_usage):

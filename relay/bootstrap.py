@@ -14,9 +14,11 @@ import time
 import httpx
 from sqlmodel import select
 
-from relay.auth import hash_secret, new_secret, shown_prefix
+from relay import config_state
 from relay.db import make_engine, session
-from relay.models import ApiKey, Channel, Tenant, utcnow
+from relay.models import Tenant
+from relay.secrets import SecretBox, resolve_box
+from relay.settings import Settings
 
 log = logging.getLogger("relay.bootstrap")
 
@@ -75,30 +77,38 @@ def _stop(process: subprocess.Popen) -> None:
             process.kill()
 
 
+def secret_box(settings: Settings) -> SecretBox:
+    """This database's key; raises SecretKeyError (saying what to do) when it is missing or another one."""
+    box = resolve_box(settings.database_url, settings.secret_key, settings.secret_key_file)
+    engine = make_engine(settings.database_url)
+    try:
+        config_state.check_secret_key(engine, box)
+    finally:
+        engine.dispose()
+    return box
+
+
+def check_secret_key(settings: Settings) -> None:
+    secret_box(settings)
+
+
 def register_local_channel(database_url: str, url: str, model: str) -> None:
     """Creates or updates the channel named `local` so it points at this worker and serves its model."""
+    from admin import service
+
     with session(make_engine(database_url)) as s:
-        channel = s.exec(select(Channel).where(Channel.name == LOCAL_CHANNEL)).first()
-        if channel is None:
-            channel = Channel(name=LOCAL_CHANNEL, type="local", models=[model])
-        channel.type, channel.base_url, channel.status = "local", url, "enabled"
-        if model not in channel.models:
-            channel.models = [*channel.models, model]
-        channel.updated_at = utcnow()
-        s.add(channel)
-        s.commit()
+        service.upsert_local_channel(s, LOCAL_CHANNEL, url, model, "bootstrap")
     log.info("channel %r → %s serves %s", LOCAL_CHANNEL, url, model)
 
 
 def first_key(database_url: str) -> str | None:
     """On a database without any tenant, creates tenant `default` with one key and returns the secret."""
+    from admin import service
+    from admin.schemas import KeyCreate, TenantCreate
+
     with session(make_engine(database_url)) as s:
         if s.exec(select(Tenant)).first() is not None:
             return None
-        tenant = Tenant(name="default")
-        s.add(tenant)
-        s.flush()
-        secret = new_secret()
-        s.add(ApiKey(tenant_id=tenant.id, name="first-key", prefix=shown_prefix(secret), key_hash=hash_secret(secret)))
-        s.commit()
+        tenant = service.create_tenant(s, TenantCreate(name="default"), "bootstrap")
+        _, secret = service.create_key(s, KeyCreate(tenant_id=tenant.id, name="first-key"), "bootstrap")
         return secret

@@ -25,7 +25,6 @@ from relay.redis_state import RedisState
 
 log = logging.getLogger("relay.cache")
 
-PREFIX = "relay:cache:"
 DEFAULT_TTL_S = 3600
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 # What does not change the answer: how it is delivered, and who asked.
@@ -65,7 +64,7 @@ def cache_key(namespace: str, endpoint: str, outcome: PolicyOutcome) -> str:
     request = {k: v for k, v in outcome.request.items() if k not in _NOT_IN_KEY}
     payload = {"ns": namespace, "endpoint": endpoint, "policy": outcome.ref, "request": request}
     digest = hashlib.sha256(orjson.dumps(_canonical(payload), option=orjson.OPT_SORT_KEYS)).hexdigest()
-    return PREFIX + "v1:" + digest
+    return "v1:" + digest  # ResponseCache puts the deployment's prefix in front
 
 
 def plan(endpoint: str, outcome: PolicyOutcome, tenant_id: int, channels: list[Channel],
@@ -85,6 +84,7 @@ class ResponseCache:
     def __init__(self, state: RedisState) -> None:
         self.state = state
         self.redis = state.client
+        self.prefix = state.prefix + "cache:"
         self.stats: Counter[str] = Counter()  # hit / miss / bypass, this process, not yet flushed
 
     @property
@@ -95,15 +95,15 @@ class ResponseCache:
         return await self.state.call(operation)
 
     async def get(self, key: str) -> dict[str, Any] | None:
-        raw = await self._call(lambda: self.redis.get(key))
+        raw = await self._call(lambda: self.redis.get(self.prefix + key))
         return orjson.loads(raw) if raw else None
 
     async def put(self, p: CachePlan, stored: dict[str, Any]) -> None:
         async def write() -> None:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.set(p.key, orjson.dumps(stored), ex=p.ttl_s)
-            for index in (f"{PREFIX}idx:model:{p.model}", f"{PREFIX}idx:tenant:{p.tenant_id}"):
-                pipe.sadd(index, p.key)
+            pipe.set(self.prefix + p.key, orjson.dumps(stored), ex=p.ttl_s)
+            for index in (f"{self.prefix}idx:model:{p.model}", f"{self.prefix}idx:tenant:{p.tenant_id}"):
+                pipe.sadd(index, self.prefix + p.key)
                 pipe.expire(index, max(p.ttl_s, DEFAULT_TTL_S))
             await pipe.execute()
 
@@ -112,18 +112,19 @@ class ResponseCache:
     async def acquire(self, key: str, ttl_s: float) -> str | None:
         """Single-flight: the first of identical misses gets a token and calls the upstream."""
         token = secrets.token_hex(8)
-        ok = await self._call(lambda: self.redis.set(key + ":lock", token, nx=True, px=int(ttl_s * 1000)))
+        ok = await self._call(lambda: self.redis.set(self.prefix + key + ":lock", token, nx=True,
+                                                     px=int(ttl_s * 1000)))
         return token if ok else None
 
     async def release(self, key: str, token: str) -> None:
-        await self._call(lambda: self.redis.eval(_RELEASE, 1, key + ":lock", token))
+        await self._call(lambda: self.redis.eval(_RELEASE, 1, self.prefix + key + ":lock", token))
 
     async def wait_for(self, key: str, timeout_s: float) -> dict[str, Any] | None:
         """Another request is fetching this answer: wait for it (or for its lock to go away)."""
         async def value_and_lock() -> list:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.get(key)
-            pipe.exists(key + ":lock")
+            pipe.get(self.prefix + key)
+            pipe.exists(self.prefix + key + ":lock")
             return await pipe.execute()
 
         deadline = time.monotonic() + timeout_s
@@ -140,22 +141,23 @@ class ResponseCache:
         return None
 
     async def flush_stats(self) -> None:
-        counts, self.stats = self.stats, Counter()
+        counts = Counter(self.stats)  # the same Counter object stays: accounting holds it
+        self.stats.clear()
         if not counts or self.redis is None:
             return
         async def write() -> None:
             pipe = self.redis.pipeline(transaction=False)
             for name, n in counts.items():
-                pipe.hincrby(PREFIX + "stats", name, n)
+                pipe.hincrby(self.prefix + "stats", name, n)
             await pipe.execute()
         if await self._call(write) is None:
             self.stats.update(counts)  # keep them for the next flush
 
     async def summary(self) -> dict[str, Any]:
         async def read():
-            stats = await self.redis.hgetall(PREFIX + "stats")
+            stats = await self.redis.hgetall(self.prefix + "stats")
             keys = 0
-            async for key in self.redis.scan_iter(match=PREFIX + "v1:*", count=1000):
+            async for key in self.redis.scan_iter(match=self.prefix + "v1:*", count=1000):
                 keys += not key.endswith(b":lock")
             return {k.decode(): int(v) for k, v in stats.items()}, keys
         result = await self._call(read)
@@ -171,10 +173,11 @@ class ResponseCache:
     async def purge(self, model: str | None = None, tenant_id: int | None = None) -> int:
         async def run() -> int:
             if model is None and tenant_id is None:
-                keys = [k async for k in self.redis.scan_iter(match=PREFIX + "*", count=1000)
+                keys = [k async for k in self.redis.scan_iter(match=self.prefix + "*", count=1000)
                         if not k.endswith(b"stats")]
             else:
-                index = f"{PREFIX}idx:model:{model}" if model is not None else f"{PREFIX}idx:tenant:{tenant_id}"
+                index = (f"{self.prefix}idx:model:{model}" if model is not None
+                         else f"{self.prefix}idx:tenant:{tenant_id}")
                 keys = [*await self.redis.smembers(index), index.encode()]
             removed = 0
             for i in range(0, len(keys), 500):

@@ -1,6 +1,7 @@
-"""The in-memory configuration: keys, tenants and channels, so the request path never queries the
-database. It reloads when this process edits the configuration (invalidate) and when a cheap
-fingerprint query shows that another process did (poll)."""
+"""The in-memory configuration: keys, tenants, channels and policies, so the request path never queries the
+database. It reloads when this process edits the configuration, and when the database's config version
+(relay.config_state) has moved past the one it holds: polled every RELAY_CONFIG_POLL_S, and nudged at once
+through Redis pub/sub when another process announces an edit (relay.config_sync)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from channels.base import Channel, ChannelConfig
 from channels.registry import build
+from relay import config_state
 from relay.models import ApiKey, ModelPolicy, Tenant
 from relay.models import Channel as ChannelRow
 from relay.policy import PolicyInfo
 from relay.policy_rules import Rules
+from relay.secrets import SecretBox
 
 log = logging.getLogger("relay.catalog")
 
@@ -70,15 +73,17 @@ def _key_info(row: ApiKey) -> KeyInfo:
                    rpm=row.rpm, tpm=row.tpm)
 
 
-def channel_config(row: ChannelRow) -> ChannelConfig:
-    return ChannelConfig(id=row.id, name=row.name, type=row.type, base_url=row.base_url, api_key=row.api_key,
-                         models=tuple(row.models or ()), model_mapping=dict(row.model_mapping or {}),
-                         priority=row.priority, weight=row.weight, timeout_s=row.timeout_s,
-                         retries=row.retries, options=dict(row.options or {}),
-                         capabilities=dict(row.capabilities or {}))
+def channel_config(row: ChannelRow, box: SecretBox) -> ChannelConfig:
+    """The adaptor's copy of a row, its secrets decrypted (they exist in plaintext only in memory)."""
+    return ChannelConfig(id=row.id, name=row.name, type=row.type, base_url=row.base_url,
+                         api_key=box.decrypt(row.api_key), models=tuple(row.models or ()),
+                         model_mapping=dict(row.model_mapping or {}), priority=row.priority, weight=row.weight,
+                         timeout_s=row.timeout_s, retries=row.retries, options=box.open_options(row.options or {}),
+                         capabilities=dict(row.capabilities or {}),
+                         passthrough=frozenset(row.passthrough) if row.passthrough is not None else None)
 
 
-def load_snapshot(engine: Engine) -> Snapshot:
+def load_snapshot(engine: Engine, box: SecretBox) -> Snapshot:
     snap = Snapshot()
     with Session(engine) as s:
         for t in s.exec(select(Tenant)).scalars():
@@ -87,8 +92,8 @@ def load_snapshot(engine: Engine) -> Snapshot:
             snap.keys_by_hash[k.key_hash] = _key_info(k)
         for c in s.exec(select(ChannelRow).where(ChannelRow.status == "enabled")).scalars():
             try:
-                channel = build(channel_config(c))
-            except Exception as exc:  # a broken plugin must not take the gateway down
+                channel = build(channel_config(c, box))
+            except Exception as exc:  # a broken plugin (or an undecryptable secret) must not take the gateway down
                 log.error("channel %s (%s) not loaded: %s", c.name, c.type, exc)
                 continue
             snap.channels[c.id] = channel
@@ -104,44 +109,37 @@ def load_snapshot(engine: Engine) -> Snapshot:
     return snap
 
 
-_FINGERPRINTED = (Tenant, ApiKey, ChannelRow, ModelPolicy)
-
-
-def fingerprint(engine: Engine) -> tuple:
-    """Changes whenever a configuration row is inserted, updated (updated_at) or deleted (count)."""
-    with Session(engine) as s:
-        return tuple(tuple(s.exec(select(func.count(), func.max(t.updated_at)).select_from(t)).one())
-                     for t in _FINGERPRINTED)
-
-
 class Catalog:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, box: SecretBox) -> None:
         self.engine = engine
+        self.box = box
         self.snapshot = Snapshot()
-        self._fingerprint: tuple | None = None
+        self.version = -1  # the config version the snapshot was read at
         # Serialises reloads: a poll that read the database before an admin edit must not install its
         # older snapshot after the edit's own reload.
         self._lock = threading.Lock()
 
     def reload(self) -> None:
         with self._lock:
-            self._fingerprint = fingerprint(self.engine)
-            self.snapshot = load_snapshot(self.engine)
+            # The version first: an edit committed while the snapshot is read leaves the version behind, so
+            # the next check reloads again rather than missing it.
+            version = config_state.version(self.engine)
+            self.snapshot = load_snapshot(self.engine, self.box)
+            self.version = version
 
     def reload_if_changed(self) -> bool:
         with self._lock:
-            fp = fingerprint(self.engine)
-            if fp == self._fingerprint:
+            version = config_state.version(self.engine)
+            if version == self.version:
                 return False
-            self._fingerprint = fp
-            self.snapshot = load_snapshot(self.engine)
+            self.snapshot = load_snapshot(self.engine, self.box)
+            self.version = version
             return True
 
-    async def poll_forever(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                if await asyncio.to_thread(self.reload_if_changed):
-                    log.info("configuration reloaded")
-            except Exception as exc:  # the database may blip; keep serving the last snapshot
-                log.warning("configuration poll failed: %s", exc)
+    async def refresh(self) -> None:
+        """Off the event loop; the database may blip: then the last snapshot keeps serving."""
+        try:
+            if await asyncio.to_thread(self.reload_if_changed):
+                log.info("configuration reloaded (version %d)", self.version)
+        except Exception as exc:
+            log.warning("configuration check failed: %s", str(exc).splitlines()[0][:300])

@@ -1,27 +1,22 @@
-"""Channel health: a circuit breaker shared through Redis, and auto-disabling channels whose upstream
-refuses the relay's credentials.
+"""Channel health, shared by every gateway process through Redis: a circuit breaker, and the streak of
+refused credentials that auto-disables a channel.
 
 K consecutive retryable failures (connect errors, timeouts, 429, 5xx) cool a channel down for T seconds in
-every gateway process; routing skips cooling channels unless nothing else is left. A 401/403 from a
-channel's upstream means its key is wrong or revoked: the channel is set to `auto_disabled` in the database,
-with an audit event, until an operator enables it again."""
+every gateway process; routing skips cooling channels unless nothing else is left. Credentials refused K
+times in a row (401, or a 403 whose error code says the key is bad) mean the channel's key is wrong or
+revoked: the pipeline then has the channel set to `auto_disabled`. A 403 about one request ("this key may
+not use that model") is that request's error and counts for nothing. Without Redis the streaks are counted
+per process."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-
-from sqlalchemy import Engine, update
-from sqlmodel import Session
+from collections import Counter
 
 from channels.base import Channel
-from relay.models import AuditEvent, utcnow
-from relay.models import Channel as ChannelRow
 from relay.redis_state import RedisState
 
 log = logging.getLogger("relay.circuit")
-
-PREFIX = "relay:cb:"
 
 
 class CircuitBreaker:
@@ -29,57 +24,54 @@ class CircuitBreaker:
         self.state = state
         self.failures = failures
         self.cooldown_s = cooldown_s
+        self.prefix = state.prefix + "cb:"
         self._failing: set[int] = set()  # channels this process saw fail since their last success
+        self._local_refusals: Counter[int] = Counter()  # the credential streak when Redis is away
 
     async def usable(self, channels: list[Channel]) -> list[Channel]:
         """The channels not cooling down, in the same order; all of them if every one is cooling."""
         if len(channels) <= 1 or not self.state.enabled:
             return channels
-        keys = [f"{PREFIX}open:{c.config.id}" for c in channels]
+        keys = [f"{self.prefix}open:{c.config.id}" for c in channels]
         cooling = await self.state.call(lambda: self.state.client.mget(keys))
         if not cooling:
             return channels
         open_ = [c for c, flag in zip(channels, cooling, strict=True) if not flag]
         return open_ or channels
 
-    async def failed(self, channel: Channel) -> None:
+    async def failed(self, channel: Channel, *, credentials: bool = False) -> bool:
+        """Counts a failure; True when this one makes K refusals of the channel's credentials in a row."""
         cid = channel.config.id
         self._failing.add(cid)
+        fail_key, auth_key = f"{self.prefix}fail:{cid}", f"{self.prefix}auth:{cid}"
 
         async def count() -> int:
             pipe = self.state.client.pipeline(transaction=True)
-            pipe.incr(f"{PREFIX}fail:{cid}")
-            pipe.expire(f"{PREFIX}fail:{cid}", int(self.cooldown_s * 10))
-            n, _ = await pipe.execute()
-            if n >= self.failures:
-                await self.state.client.set(f"{PREFIX}open:{cid}", 1, px=int(self.cooldown_s * 1000))
-                await self.state.client.delete(f"{PREFIX}fail:{cid}")
+            pipe.incr(fail_key)
+            pipe.expire(fail_key, int(self.cooldown_s * 10))
+            if credentials:
+                pipe.incr(auth_key)
+                pipe.expire(auth_key, int(self.cooldown_s * 10))
+            counts = await pipe.execute()
+            if counts[0] >= self.failures:
+                await self.state.client.set(f"{self.prefix}open:{cid}", 1, px=int(self.cooldown_s * 1000))
+                await self.state.client.delete(fail_key)
                 log.warning("channel %s failed %d times in a row: cooling down for %.0f s", channel.config.name,
-                            n, self.cooldown_s)
-            return n
+                            counts[0], self.cooldown_s)
+            return counts[2] if credentials else 0
 
-        await self.state.call(count)
+        refusals = await self.state.call(count)
+        if not credentials:
+            return False
+        if refusals is None:  # Redis away: this process's own count
+            self._local_refusals[cid] += 1
+            refusals = self._local_refusals[cid]
+        return refusals >= self.failures
 
     async def succeeded(self, channel: Channel) -> None:
         cid = channel.config.id
         if cid in self._failing:  # only then is there a streak to end: no Redis call on the hot path
             self._failing.discard(cid)
-            await self.state.call(lambda: self.state.client.delete(f"{PREFIX}fail:{cid}"))
-
-
-async def auto_disable(engine: Engine, channel: Channel, reason: str) -> None:
-    """Marks the channel auto_disabled (once) and writes the audit event; the catalog notices on its next poll."""
-    def write() -> bool:
-        with Session(engine) as s:
-            result = s.execute(update(ChannelRow).where(ChannelRow.id == channel.config.id,
-                                                         ChannelRow.status == "enabled")
-                               .values(status="auto_disabled", updated_at=utcnow()))
-            if result.rowcount:
-                s.add(AuditEvent(actor="relay", action="auto_disable", entity="channel",
-                                 entity_id=channel.config.id, before={"status": "enabled"},
-                                 after={"status": "auto_disabled", "reason": reason}))
-            s.commit()
-            return bool(result.rowcount)
-
-    if await asyncio.to_thread(write):
-        log.error("channel %s auto-disabled: %s", channel.config.name, reason)
+            self._local_refusals.pop(cid, None)
+            await self.state.call(lambda: self.state.client.delete(f"{self.prefix}fail:{cid}",
+                                                                   f"{self.prefix}auth:{cid}"))

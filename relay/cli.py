@@ -16,6 +16,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from relay import bootstrap, db
 
     db.upgrade(settings.database_url)  # idempotent: a fresh machine gets its schema here
+    bootstrap.check_secret_key(settings)  # a wrong key stops here, with its message, not in every worker
     if args.with_worker:
         _, url, model = bootstrap.start_worker(args.with_worker, args.worker_port)
         bootstrap.register_local_channel(settings.database_url, url, model)
@@ -29,7 +30,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     uvicorn.run("relay.app:create_app", factory=True, host=args.host or settings.host,
                 port=args.port or settings.port, workers=args.workers, log_level=args.log_level,
                 access_log=args.access_log, loop="auto", http="auto",
-                proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None)
+                proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
+                timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)))
     return 0
 
 
@@ -57,62 +59,106 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _tenant_create(args: argparse.Namespace, settings: Settings) -> int:
+def _write(settings: Settings, write) -> int:
+    """Runs one service-layer write with actor `cli`; a refusal is its message on stderr and exit code 1."""
     from relay.db import make_engine, session
-    from relay.models import Tenant
+    from relay.errors import RelayError
 
-    with session(make_engine(settings.database_url)) as s:
-        tenant = Tenant(name=args.name, token_quota=args.token_quota, rpm=args.rpm, tpm=args.tpm)
-        s.add(tenant)
-        s.commit()
-        print(json.dumps({"id": tenant.id, "name": tenant.name}))
-    return 0
+    engine = make_engine(settings.database_url)
+    try:
+        with session(engine) as s:
+            print(json.dumps(write(s)))
+        return 0
+    except RelayError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+
+
+def _parsed(schema, **fields):
+    """A CLI's fields through the admin API's own schema: the same validation, the same messages."""
+    from pydantic import ValidationError
+
+    from relay.errors import bad_request
+
+    try:
+        return schema(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise bad_request(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
+def _tenant_create(args: argparse.Namespace, settings: Settings) -> int:
+    from admin import service
+    from admin.schemas import TenantCreate
+
+    def write(s):
+        body = _parsed(TenantCreate, name=args.name, token_quota=args.token_quota, rpm=args.rpm, tpm=args.tpm)
+        tenant = service.create_tenant(s, body, "cli")
+        return {"id": tenant.id, "name": tenant.name}
+
+    return _write(settings, write)
 
 
 def _key_create(args: argparse.Namespace, settings: Settings) -> int:
-    from sqlmodel import select
-
-    from admin.keys import create_key_row
+    from admin import service
     from admin.schemas import KeyCreate
-    from relay.db import make_engine, session
-    from relay.models import Tenant
 
-    with session(make_engine(settings.database_url)) as s:
-        tenant = s.exec(select(Tenant).where(Tenant.name == args.tenant)).first()
-        if tenant is None and args.tenant.isdigit():
-            tenant = s.get(Tenant, int(args.tenant))
-        if tenant is None:
-            print(f"no tenant named {args.tenant!r}", file=sys.stderr)
-            return 1
+    def write(s):
+        tenant = service.tenant_by_name_or_id(s, args.tenant)
         models = args.models.split(",") if args.models else None
-        key, secret = create_key_row(s, KeyCreate(tenant_id=tenant.id, name=args.name, models=models))
-        s.add(key)
-        s.commit()
-        print(json.dumps({"id": key.id, "tenant_id": tenant.id, "key": secret}))
-    return 0
+        key, secret = service.create_key(s, _parsed(KeyCreate, tenant_id=tenant.id, name=args.name, models=models),
+                                         "cli")
+        return {"id": key.id, "tenant_id": tenant.id, "key": secret}
+
+    return _write(settings, write)
+
+
+def _key_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from admin import service
+
+    def write(s):
+        key = service.revoke_key(s, args.id, "cli")
+        return {"id": key.id, "status": key.status}
+
+    return _write(settings, write)
 
 
 def _channel_add(args: argparse.Namespace, settings: Settings) -> int:
+    from admin import service
     from admin.schemas import ChannelCreate
-    from relay.db import make_engine, session
-    from relay.models import Channel
+    from relay.bootstrap import secret_box
 
-    body = ChannelCreate(name=args.name, type=args.type, base_url=args.base_url, api_key=args.api_key,
-                         models=args.models.split(","), options=json.loads(args.options or "{}"),
-                         model_mapping=json.loads(args.model_mapping or "{}"))
-    with session(make_engine(settings.database_url)) as s:
-        channel = Channel(**body.model_dump(exclude_none=True))
-        s.add(channel)
-        s.commit()
-        print(json.dumps({"id": channel.id, "name": channel.name}))
+    def write(s):
+        try:
+            options, mapping = json.loads(args.options or "{}"), json.loads(args.model_mapping or "{}")
+        except ValueError as exc:
+            from relay.errors import bad_request
+
+            raise bad_request(f"--options / --model-mapping must be JSON: {exc}") from None
+        body = _parsed(ChannelCreate, name=args.name, type=args.type, base_url=args.base_url, api_key=args.api_key,
+                       models=args.models.split(","), options=options, model_mapping=mapping)
+        channel = service.create_channel(s, body, "cli", secret_box(settings))
+        return {"id": channel.id, "name": channel.name}
+
+    return _write(settings, write)
+
+
+def _secret_key(args: argparse.Namespace, settings: Settings) -> int:
+    from relay.secrets import new_key
+
+    print(new_key())
     return 0
 
 
 def _import_oneapi(args: argparse.Namespace, settings: Settings) -> int:
     from relay import db, oneapi_import
+    from relay.bootstrap import secret_box
 
     db.upgrade(settings.database_url)
-    planned = oneapi_import.run(args.database_url, db.make_engine(settings.database_url), apply=args.apply)
+    planned = oneapi_import.run(args.database_url, db.make_engine(settings.database_url), apply=args.apply,
+                                box=secret_box(settings))
     print(oneapi_import.table(planned))
     created = sum(p.action == "create" for p in planned)
     verb = "created" if args.apply else "would create (dry run; --apply to write)"
@@ -168,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--name", default="default")
     kc.add_argument("--models", help="comma-separated allow-list (default: every model)")
     kc.set_defaults(func=_key_create)
+    kr = key.add_parser("revoke", help="revoke a key (its row stays for history)")
+    kr.add_argument("id", type=int)
+    kr.set_defaults(func=_key_revoke)
 
     channel = sub.add_parser("channel", help="channels").add_subparsers(dest="channel_command", required=True)
     ca = channel.add_parser("add")
@@ -179,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--model-mapping", help='JSON, e.g. {"alias": "upstream-name"}')
     ca.add_argument("--options", help="JSON of extra litellm options")
     ca.set_defaults(func=_channel_add)
+    sk = sub.add_parser("secret-key", help="print a new key for RELAY_SECRET_KEY")
+    sk.set_defaults(func=_secret_key)
     imp = sub.add_parser("import-oneapi", help="create channels from a ONE API database (dry run by default)")
     imp.add_argument("--database-url", required=True,
                      help="the ONE API database: sqlite:///one-api.db, mysql://..., postgresql://...")
@@ -191,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args, Settings.from_env())
+    from relay.secrets import SecretKeyError
+
+    try:
+        return args.func(args, Settings.from_env())
+    except SecretKeyError as exc:
+        print(f"policy-relay: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

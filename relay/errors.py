@@ -6,11 +6,13 @@ when they are the truth about the caller's key."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -83,14 +85,23 @@ def install_handlers(app: FastAPI) -> None:
         return bad_request(message, param).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(req: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 413:  # raised while the body is read (FastAPI's max_body_size)
+            limit = getattr(req.app, "max_body_size", None) or 0
+            return RelayError(413, f"The request body is larger than this relay accepts ({limit // 1024} KiB; "
+                                   "RELAY_MAX_BODY_MB).", "invalid_request_error", None,
+                              "request_too_large").response()
         err_type = _STATUS_TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500
                                      else "invalid_request_error")
         return RelayError(exc.status_code, str(exc.detail), err_type).response()
 
+    @app.exception_handler(OperationalError)
+    async def _database_down(_req: Request, exc: OperationalError) -> Response:
+        logging.getLogger("relay").warning("database unavailable: %s", str(exc).splitlines()[0][:300])
+        return RelayError(503, "The relay's database is unavailable right now; retry shortly.", "server_error",
+                          None, "database_unavailable", headers={"Retry-After": "5"}).response()
+
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> Response:
-        import logging
-
         logging.getLogger("relay").exception("unhandled error")
         return RelayError(500, "The relay hit an internal error; please retry.", "server_error").response()

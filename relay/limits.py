@@ -2,8 +2,10 @@
 through Redis. Each limit is a GCRA bucket (a "theoretical arrival time" per key), checked and updated
 atomically by one Lua script: a steady rate with a burst of RELAY_RATE_BURST_S seconds' worth.
 
-Requests are charged when admitted; tokens after the answer (its usage), so a request is refused while the
-tokens already spent are over the rate. Redis down: limits are not enforced (the request is served)."""
+Requests are charged when admitted. Tokens are reserved when admitted (the request's estimate: prompt +
+max_tokens, see relay.tokens) and settled when the answer's usage is known (the difference is charged or
+given back), so concurrent requests cannot all slip in under a tpm limit. Redis down: limits are not enforced
+(the request is served)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ from dataclasses import dataclass
 from relay.auth import Principal
 from relay.errors import RelayError
 from relay.redis_state import RedisState
-
-PREFIX = "relay:rl:"
 
 # KEYS: buckets. ARGV: now_ms, then per bucket (interval_ms, tolerance_ms, cost).
 # Refuses when any bucket is ahead of now by more than its tolerance (returns the ms to wait); otherwise
@@ -34,11 +34,13 @@ for i, key in ipairs(KEYS) do
     wait = math.max(wait, tat - now - tolerance)
   end
 end
-if wait > 0 then return wait end
+-- Redis truncates a Lua number reply to an integer: a wait of 0.3 ms must not come back as 0 ("admitted").
+if wait > 0 then return math.ceil(wait) end
 for i, key in ipairs(KEYS) do
   local interval = tonumber(ARGV[i * 3 - 1])
   local tolerance = tonumber(ARGV[i * 3])
   local new_tat = tats[i] + interval * tonumber(ARGV[i * 3 + 1])
+  if new_tat < now then new_tat = now end  -- a refund never banks capacity beyond a full bucket
   redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now + math.min(tolerance, 3600000) + 1000))
 end
 return 0
@@ -63,7 +65,7 @@ class RateLimiter:
         key, tenant = principal.key, principal.tenant
         limits = [(f"key:{key.id}", key.rpm if what == "requests" else key.tpm, "API key"),
                   (f"tenant:{tenant.id}", tenant.rpm if what == "requests" else tenant.tpm, "tenant")]
-        return [_Bucket(f"{PREFIX}{what}:{name}", n, what, scope) for name, n, scope in limits if n]
+        return [_Bucket(f"{self.state.prefix}rl:{what}:{name}", n, what, scope) for name, n, scope in limits if n]
 
     def _args(self, buckets: list[_Bucket], costs: list[float]) -> list[float]:
         args: list[float] = [time.time() * 1000]
@@ -73,13 +75,17 @@ class RateLimiter:
             args += [interval, (burst - 1) * interval, cost]
         return args
 
-    async def admit(self, principal: Principal) -> None:
-        """Charge one request; 429 with Retry-After when a request or token rate is exceeded."""
-        requests, tokens = self._buckets(principal, "requests"), self._buckets(principal, "tokens")
-        buckets = requests + tokens
+    def applies_to_tokens(self, principal: Principal) -> bool:
+        return self._script is not None and bool(principal.key.tpm or principal.tenant.tpm)
+
+    async def admit(self, principal: Principal, tokens: int = 0) -> None:
+        """Charge one request and reserve `tokens`; 429 with Retry-After when a request or token rate is
+        already exceeded."""
+        requests, token_buckets = self._buckets(principal, "requests"), self._buckets(principal, "tokens")
+        buckets = requests + token_buckets
         if not buckets or self._script is None:
             return
-        costs = [1.0] * len(requests) + [0.0] * len(tokens)  # tokens are charged after the answer
+        costs = [1.0] * len(requests) + [float(tokens)] * len(token_buckets)
         wait_ms = await self.state.call(lambda: self._script(keys=[b.key for b in buckets],
                                                              args=self._args(buckets, costs)))
         if not wait_ms:
@@ -89,12 +95,13 @@ class RateLimiter:
         raise RelayError(429, f"Rate limit reached ({limited}). Retry after {retry_s} s.", "rate_limit_error",
                          None, "rate_limit_exceeded", headers={"Retry-After": str(retry_s)})
 
-    async def charge_tokens(self, principal: Principal, tokens: int) -> None:
+    async def settle_tokens(self, principal: Principal, delta: int) -> None:
+        """Charge (or give back, when negative) the difference between spent and reserved tokens."""
         buckets = self._buckets(principal, "tokens")
-        if not buckets or tokens <= 0 or self._script is None:
+        if not buckets or not delta or self._script is None:
             return
-        # Charging never refuses: tolerance is set huge for this call, the cost is what was used.
-        args = self._args(buckets, [float(tokens)] * len(buckets))
+        # Settling never refuses: tolerance is set huge for this call.
+        args = self._args(buckets, [float(delta)] * len(buckets))
         for i in range(len(buckets)):
             args[2 + i * 3] = 1e18
         await self.state.call(lambda: self._script(keys=[b.key for b in buckets], args=args))

@@ -16,8 +16,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Ids are never reused (SQLite AUTOINCREMENT; PostgreSQL sequences never go back): a tenant created after
+# another was deleted must not inherit its cache entries, rate buckets or usage history.
+NEVER_REUSE_IDS = {"sqlite_autoincrement": True}
+
+
 class Tenant(SQLModel, table=True):
     __tablename__ = "tenants"
+    __table_args__ = NEVER_REUSE_IDS
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=200, unique=True)
@@ -32,6 +38,7 @@ class Tenant(SQLModel, table=True):
 
 class ApiKey(SQLModel, table=True):
     __tablename__ = "api_keys"
+    __table_args__ = NEVER_REUSE_IDS
 
     id: int | None = Field(default=None, primary_key=True)
     tenant_id: int = Field(foreign_key="tenants.id", index=True)
@@ -53,6 +60,7 @@ class ApiKey(SQLModel, table=True):
 
 class Channel(SQLModel, table=True):
     __tablename__ = "channels"
+    __table_args__ = NEVER_REUSE_IDS
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=200, unique=True)
@@ -68,6 +76,8 @@ class Channel(SQLModel, table=True):
     retries: int = 0
     options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     capabilities: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Non-core request fields this channel's upstream may receive; None: the default list (relay.passthrough)
+    passthrough: list[str] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     last_test_at: datetime | None = None
     last_test_ok: bool | None = None
     last_test_latency_ms: float | None = None
@@ -78,6 +88,7 @@ class Channel(SQLModel, table=True):
 
 class ModelPolicy(SQLModel, table=True):
     __tablename__ = "model_policies"
+    __table_args__ = NEVER_REUSE_IDS
 
     id: int | None = Field(default=None, primary_key=True)
     model_pattern: str = Field(max_length=200, index=True)  # glob on the requested model name
@@ -92,6 +103,7 @@ class ModelPolicy(SQLModel, table=True):
 
 class RequestLog(SQLModel, table=True):
     __tablename__ = "request_logs"
+    __table_args__ = NEVER_REUSE_IDS
 
     # No foreign keys: history outlives the tenants, keys and channels it mentions.
     id: int | None = Field(default=None, primary_key=True,
@@ -117,6 +129,7 @@ class RequestLog(SQLModel, table=True):
 
 class AuditEvent(SQLModel, table=True):
     __tablename__ = "audit_events"
+    __table_args__ = NEVER_REUSE_IDS
 
     id: int | None = Field(default=None, primary_key=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
@@ -126,3 +139,17 @@ class AuditEvent(SQLModel, table=True):
     entity_id: int | None = None
     before: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     after: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+
+
+class RelayState(SQLModel, table=True):
+    """One row (id 1): what identifies this database and its configuration's version."""
+
+    __tablename__ = "relay_state"
+
+    id: int = Field(default=1, primary_key=True)
+    # Created with the database: Redis keys carry it, so a recreated database never reads an old Redis.
+    deployment_id: str = Field(max_length=32)
+    # Bumped in the same transaction as every configuration edit; processes reload when it moves.
+    config_version: int = Field(default=0, sa_type=BigInteger)
+    secret_check: str | None = Field(default=None, sa_column=Column(Text))  # a known value, encrypted
+    created_at: datetime = Field(default_factory=utcnow)

@@ -10,10 +10,11 @@ from typing import Any
 from sqlalchemy import MetaData, Table, create_engine, select
 from sqlmodel import Session
 
+from admin import service
 from admin.schemas import ChannelCreate
 from relay.db import normalise_url
-from relay.models import AuditEvent
 from relay.models import Channel as ChannelRow
+from relay.secrets import SecretBox
 
 # ONE API channel types (relay/channeltype) that speak OpenAI's protocol, with their default base URLs.
 OPENAI_WIRE = {1: "https://api.openai.com", 2: None, 4: None, 5: None, 6: None, 7: None, 8: None, 9: None,
@@ -71,12 +72,11 @@ def plan(row: dict[str, Any], taken: set[str]) -> Planned:
         return Planned(row["id"], name, "skip", f"ONE API channel type {kind} is not supported")
     body.update(name=name, api_key=key, models=models, model_mapping=mapping,
                 priority=int(row.get("priority") or 0), weight=max(int(row.get("weight") or 0), 1),
-                status="enabled" if STATUS.get(int(row.get("status") or 1)) == "enabled" else "disabled")
+                status=STATUS.get(int(row.get("status") or 1), "disabled"))  # auto_disabled is kept as such
     try:
         ChannelCreate.model_validate({k: v for k, v in body.items() if v is not None})
     except ValueError as exc:
         return Planned(row["id"], name, "skip", f"invalid: {str(exc).splitlines()[0]}")
-    body["status"] = STATUS.get(int(row.get("status") or 1), "disabled")  # auto_disabled is kept as such
     return Planned(row["id"], name, "create", body=body)
 
 
@@ -93,7 +93,7 @@ def read_channels(url: str) -> list[dict[str, Any]]:
         engine.dispose()
 
 
-def run(source_url: str, target_engine, apply: bool) -> list[Planned]:
+def run(source_url: str, target_engine, apply: bool, box: SecretBox) -> list[Planned]:
     rows = read_channels(source_url)
     with Session(target_engine) as s:
         taken = {n for (n,) in s.execute(select(ChannelRow.name))}
@@ -105,14 +105,9 @@ def run(source_url: str, target_engine, apply: bool) -> list[Planned]:
                 taken.add(item.name)
         if apply:
             for item in planned:
-                if item.action != "create":
-                    continue
-                channel = ChannelRow(**{k: v for k, v in item.body.items() if v is not None})
-                s.add(channel)
-                s.flush()
-                s.add(AuditEvent(actor="import-oneapi", action="create", entity="channel", entity_id=channel.id,
-                                 after={"source_id": item.source_id, "name": channel.name, "type": channel.type}))
-            s.commit()
+                if item.action == "create":
+                    body = ChannelCreate.model_validate({k: v for k, v in item.body.items() if v is not None})
+                    service.create_channel(s, body, "import", box)
     return planned
 
 

@@ -3,12 +3,15 @@ take top_k, repetition_penalty, ...); known fields must lie in OpenAI's document
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from relay.errors import RelayError, bad_request
+from relay.json_check import broken_pattern
+
+MAX_DEPTH = 64  # JSON nesting; deeper is a 400 (nothing an OpenAI client sends comes close)
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -26,6 +29,7 @@ class StreamOptions(BaseModel):
 
 class _Common(BaseModel):
     model_config = STRICT
+    refused: ClassVar[frozenset[str]] = frozenset()  # fields of another endpoint: a 400 naming them
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     stream: bool | None = None
@@ -60,6 +64,10 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
+    refused = frozenset({"messages", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+                         "max_completion_tokens", "reasoning_effort", "top_logprobs", "modalities", "audio",
+                         "prediction", "web_search_options"})
+
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool | None = None
@@ -84,15 +92,51 @@ def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
                           "you aren't using your HTTP library correctly.)") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    too_deep = _deeper_than(body, MAX_DEPTH)
+    if too_deep is not None:
+        raise bad_request(f"The request nests JSON more than {MAX_DEPTH} levels deep (at '{too_deep}').", too_deep,
+                          "invalid_value")
+    for name in sorted(schema.refused & body.keys()):
+        raise bad_request(f"Unrecognized request argument supplied: {name} (it belongs to /v1/chat/completions).",
+                          name, "unsupported_parameter")
     try:
         schema.model_validate(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    _check_json_schema(body)
     if "stream_options" in body and not body.get("stream"):
         # OpenAI refuses stream_options without stream; drop it instead, since gateways in front of us
         # (new-api forces include_usage) may add it to every request.
         del body["stream_options"]
     return body
+
+
+def _deeper_than(value: Any, limit: int) -> str | None:
+    """The path of the first value nested deeper than `limit`, or None; iterative, so depth costs no stack."""
+    stack: list[tuple[Any, int, tuple]] = [(value, 0, ())]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > limit:
+            return ".".join(str(p) for p in path[:8]) + (".…" if len(path) > 8 else "")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1, path + (k,)) for k, v in node.items() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1, path + (i,)) for i, v in enumerate(node) if isinstance(v, dict | list))
+    return None
+
+
+def _check_json_schema(body: dict[str, Any]) -> None:
+    """A json_schema whose patterns are not regular expressions is refused here, as OpenAI refuses it."""
+    fmt = body.get("response_format")
+    spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if schema is None:
+        return
+    broken = broken_pattern(schema)
+    if broken is not None:
+        where, problem = broken
+        param = "response_format.json_schema.schema" + (f".{where}" if where else "")
+        raise bad_request(f"Invalid schema for response_format: {problem}.", param, "invalid_value")
 
 
 def _validation_error(exc: ValidationError) -> RelayError:

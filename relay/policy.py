@@ -6,16 +6,14 @@ greedy in the channel's way, and every change is a rewrite record {param, from, 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-import jsonschema
-from referencing import Registry
-
+from relay.json_check import answer_ok_in_time
 from relay.policy_rules import Bound, Rules
 
 
@@ -45,10 +43,14 @@ class PolicyOutcome:
     rules: Rules | None = None
     task: str | None = None
 
-    def rewrites_header(self) -> str:
-        if not self.rewrites:
-            return "none"
-        return ";".join(f"{r['param']}:{_show(r['from'])}->{_show(r['to'])}" for r in self.rewrites)
+    def rewrites_header(self, extra: list[dict[str, Any]] | None = None) -> str:
+        return rewrites_header(self.rewrites + (extra or []))
+
+
+def rewrites_header(rewrites: list[dict[str, Any]]) -> str:
+    if not rewrites:
+        return "none"
+    return ";".join(f"{r['param']}:{_show(r['from'])}->{_show(r['to'])}" for r in rewrites)
 
 
 def _show(value: Any) -> str:
@@ -159,9 +161,12 @@ def rewrite(rules: Rules, request: dict[str, Any], task: str) -> tuple[dict[str,
                 w.set(param, m.default, f"{param}.invalid")
             elif value is not None and m.max is not None and value > m.max:
                 w.set(param, m.max, f"{param}.max")
-        if m.default is not None and w.request.get("max_tokens") is None \
+        fill = m.default if m.default is not None else m.max
+        if fill is not None and w.request.get("max_tokens") is None \
                 and w.request.get("max_completion_tokens") is None:
-            w.set("max_tokens", m.default, "max_tokens.default")
+            # A cap binds a request that names no limit too: otherwise the upstream's own default (for vLLM,
+            # the rest of the context) would apply.
+            w.set("max_tokens", fill, "max_tokens.default" if m.default is not None else "max_tokens.max")
     if rules.seed is not None and rules.seed.default is not None and w.request.get("seed") is None:
         w.set("seed", rules.seed.default, "seed.default")
     return w.request, w.rewrites
@@ -224,23 +229,17 @@ def wants_json_retry(outcome: PolicyOutcome) -> bool:
             and isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"))
 
 
-def json_answer_ok(response: dict[str, Any], request: dict[str, Any]) -> bool:
-    """The first choice's content parses as JSON (and matches the json_schema, when one was given)."""
-    try:
-        content = response["choices"][0]["message"]["content"]
-        data = json.loads(content)
-    except (KeyError, IndexError, TypeError, ValueError):
-        return False
-    fmt = request.get("response_format")
-    spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    if not isinstance(schema, dict):
-        return True
-    try:
-        # An empty registry: a client's schema can never make the relay fetch a URL ($ref to http://...).
-        validator = jsonschema.validators.validator_for(schema)(schema, registry=Registry())
-        validator.check_schema(schema)
-        errors = list(itertools.islice(validator.iter_errors(data), 1))
-    except Exception:  # an unusable schema (bad $ref, invalid): judge by parsing alone
-        return True
-    return not errors
+async def json_retry(outcome: PolicyOutcome, response: dict[str, Any],
+                     ask: Callable[[PolicyOutcome], Awaitable[dict[str, Any]]]) -> tuple[PolicyOutcome, list, bool]:
+    """response_format asks for JSON and the policy retries: while the answer does not parse (or match the
+    json_schema), ask again `temperature_step` cooler, down to greedy. Returns the last outcome, every
+    answer in order (each one was paid for) and whether the last answer is good."""
+    retry = outcome.rules.json_retry  # type: ignore[union-attr]
+    answers = [response]
+    ok = await answer_ok_in_time(response, outcome.request)
+    while not ok and len(answers) <= retry.attempts and not is_greedy(outcome.request):
+        outcome = cooler(outcome, len(answers))
+        response = await ask(outcome)
+        answers.append(response)
+        ok = await answer_ok_in_time(response, outcome.request)
+    return outcome, answers, ok

@@ -16,7 +16,11 @@ log = logging.getLogger("relay.redis")
 
 
 class RedisState:
-    def __init__(self, url: str | None) -> None:
+    def __init__(self, url: str | None, deployment_id: str = "") -> None:
+        self.url = url
+        # Every key of this deployment starts with this: a recreated database (a new deployment id) never
+        # reads the cache, buckets or circuit state of the old one.
+        self.prefix = f"relay:{deployment_id[:16]}:" if deployment_id else "relay:"
         self.client = aioredis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5,
                                         health_check_interval=0) if url else None
         self.errors = 0

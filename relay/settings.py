@@ -28,6 +28,13 @@ class Settings:
     rate_burst_s: float  # rpm/tpm limits allow a burst of this many seconds' worth
     circuit_failures: int  # consecutive failures that open a channel's circuit
     circuit_cooldown_s: float  # how long an open circuit keeps the channel out of routing
+    max_body_bytes: int  # request bodies above this are refused (413) while being read
+    # Fernet keys (comma-separated, the first encrypts) for upstream secrets at rest; unset: see relay.secrets
+    secret_key: str | None
+    secret_key_file: str | None
+    drain_timeout_s: float  # on SIGTERM, open streams get this long to finish
+    # Completion tokens reserved against quotas and tpm when a request sets no max_tokens (and no policy caps it)
+    output_estimate: int
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -44,4 +51,9 @@ class Settings:
             rate_burst_s=_float("RELAY_RATE_BURST_S", 1.0),
             circuit_failures=int(_float("RELAY_CIRCUIT_FAILURES", 3)),
             circuit_cooldown_s=_float("RELAY_CIRCUIT_COOLDOWN_S", 30.0),
+            max_body_bytes=int(_float("RELAY_MAX_BODY_MB", 16) * 1024 * 1024),
+            secret_key=os.environ.get("RELAY_SECRET_KEY") or None,
+            secret_key_file=os.environ.get("RELAY_SECRET_KEY_FILE") or None,
+            drain_timeout_s=_float("RELAY_DRAIN_TIMEOUT_S", 30.0),
+            output_estimate=int(_float("RELAY_QUOTA_OUTPUT_ESTIMATE", 1024)),
         )

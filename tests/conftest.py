@@ -23,6 +23,8 @@ import pytest
 from tests.fake_upstream import FakeUpstream, ServerThread
 
 ADMIN_TOKEN = "test-admin-token"
+# The relays started here encrypt upstream secrets with this key (a PostgreSQL database needs one set).
+SECRET_KEY = "0vzTQ5B3oSS4G4C4Yvd2Gi33n1DyQ3oJHMGx8QWxMzA="
 PG_ADMIN_URL = os.environ.get("RELAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,7 +106,8 @@ def run_relay(database_url: str, tmp_dir: Path, *args: str, env: dict[str, str] 
     log_path = tmp_dir / f"relay-{port}.log"
     full_env = {**os.environ, "RELAY_DATABASE_URL": database_url, "RELAY_REDIS_URL": "none",
                 "RELAY_ADMIN_TOKEN": ADMIN_TOKEN, "RELAY_PORT": str(port), "RELAY_LOG_FLUSH_S": "0.2",
-                "RELAY_CONFIG_POLL_S": "0.5", "RELAY_TRUSTED_PROXIES": "127.0.0.1", **(env or {})}
+                "RELAY_CONFIG_POLL_S": "0.5", "RELAY_TRUSTED_PROXIES": "127.0.0.1", "RELAY_SECRET_KEY": SECRET_KEY,
+                **(env or {})}
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--log-level", "warning", *args],
                                    env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

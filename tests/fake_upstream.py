@@ -2,7 +2,8 @@
 
 It stands in for a remote provider (the one thing we do not control). It records every body it
 receives, so tests can assert what reached the upstream. Behaviour is chosen by the upstream model
-name: `fail-<status>[-credit]` answers that HTTP status (with a provider message about credit balance),
+name: `fail-<status>[-credit|-deactivated]` answers that HTTP status (with a provider message about credit balance,
+or the error code `account_deactivated`),
 `huge-usage` reports absurd token counts, `slow-<ms>...` waits that long before answering,
 `json-by-temperature` answers broken JSON above temperature 0.5
 (or with none) and valid JSON at or below it, anything else answers "Hello from <model>".
@@ -52,7 +53,8 @@ class FakeUpstream:
         if model.startswith("fail-"):
             status = int(model.split("-")[1])
             message = "Your credit balance is too low" if model.endswith("-credit") else f"failing with {status}"
-            return await send_json(send, status, {"error": {"message": message, "type": "server_error", "code": None}})
+            code = "account_deactivated" if model.endswith("-deactivated") else None
+            return await send_json(send, status, {"error": {"message": message, "type": "server_error", "code": code}})
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if model.startswith("slow-"):

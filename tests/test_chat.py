@@ -116,15 +116,22 @@ def test_every_request_is_logged_and_counted(relay):
 
 
 def test_token_quota_is_enforced(relay):
-    key = relay.new_key(tenant={"token_quota": 10})
+    """Each request reserves its prompt + max_tokens; it is admitted only while that fits in what is left."""
+    key = relay.new_key(tenant={"token_quota": 30})
     client = relay.client(key["key"])
-    client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "a"}])  # 7 tokens
-    client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "a"}])  # 14 ≥ 10
+    answered = 0
+    with pytest.raises(openai.RateLimitError) as exc:
+        for _ in range(10):  # 7 tokens spent per answer; each reserves ~12 (its prompt + max_tokens 4)
+            client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "a"}], max_tokens=4)
+            answered += 1
+    assert exc.value.body["type"] == "insufficient_quota"
+    assert 1 <= answered <= 4
+    # Without max_tokens a request reserves the default output estimate, which does not fit.
     with pytest.raises(openai.RateLimitError) as exc:
         client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "a"}])
-    assert exc.value.body["type"] == "insufficient_quota"
+    assert "lower max_tokens" in exc.value.body["message"]
     # Raising the quota through the admin API lets the tenant back in without a restart.
-    relay.ok("PATCH", f"/admin/tenants/{key['tenant_id']}", {"token_quota": 1000})
+    relay.ok("PATCH", f"/admin/tenants/{key['tenant_id']}", {"token_quota": 100_000})
     import time
 
     deadline = time.time() + 5
@@ -135,6 +142,7 @@ def test_token_quota_is_enforced(relay):
         except openai.RateLimitError:
             assert time.time() < deadline
             time.sleep(0.1)
+    assert relay.logs(key["tenant_id"], want=answered + 3)[0]["status_code"] == 200
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",

@@ -130,7 +130,10 @@ def test_import_oneapi(tmp_path):
     assert (main.type, main.base_url, main.priority, main.weight, main.status) == (
         "openai", "https://api.openai.com", 5, 10, "enabled")
     assert json.loads(main.models) == ["gpt-4o", "gpt-4o-mini"]
-    assert json.loads(main.model_mapping) == {"gpt-4o-mini": "gpt-4o-mini-2024-07-18"} and main.api_key == "sk-openai"
+    assert json.loads(main.model_mapping) == {"gpt-4o-mini": "gpt-4o-mini-2024-07-18"}
+    from relay.secrets import box_from_env
+
+    assert main.api_key != "sk-openai" and box_from_env(target).decrypt(main.api_key) == "sk-openai"  # encrypted
     assert rows["vllm"].base_url == "http://10.0.0.5:8000/v1" and rows["vllm"].weight == 1
     assert rows["claude"].type == "litellm" and rows["claude"].status == "disabled"
     assert json.loads(rows["claude"].model_mapping) == {"claude-3-5-haiku": "anthropic/claude-3-5-haiku"}

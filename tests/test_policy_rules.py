@@ -173,7 +173,7 @@ def test_more_invalid_rules(rules):
 
 
 def test_json_schema_refs_are_never_fetched():
-    from relay.policy import json_answer_ok
+    from relay.json_check import answer_ok as json_answer_ok
 
     request = {"response_format": {"type": "json_schema", "json_schema": {
         "schema": {"$ref": "http://127.0.0.1:9/unreachable.json"}}}}

@@ -52,7 +52,8 @@ def test_shell_commands_set_up_a_working_key(tmp_path, upstream):
          "--models", "shell-model,other", "--model-mapping", '{"shell-model": "mapped"}')
     key = _cli(url, "key", "create", "--tenant", "shell-tenant", "--models", "shell-model")
     assert key["tenant_id"] == tenant["id"] and key["key"].startswith("sk-")
-    with run_relay(url, tmp_path, env={"RELAY_TRUSTED_PROXIES": ""}) as relay:
+    # The CLI encrypted the channel's key with the key file it made beside the database: the relay uses it too.
+    with run_relay(url, tmp_path, env={"RELAY_TRUSTED_PROXIES": "", "RELAY_SECRET_KEY": ""}) as relay:
         answer = relay.client(key["key"]).chat.completions.create(
             model="shell-model", messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content == "Hello from mapped"

@@ -85,16 +85,39 @@ def test_circuit_breaker_cools_a_failing_channel(relay, upstream, calls):
     assert sum(c["body"]["model"] == "fail-500" for c in calls) == 3  # tried again afterwards
 
 
-def test_refused_credentials_auto_disable_the_channel(relay, upstream):
+@pytest.mark.parametrize("refusal", ["wrong-key", "deactivated"])
+def test_refused_credentials_auto_disable_the_channel(relay, upstream, refusal):
+    """401, or a 403 whose code says the key is bad, RELAY_CIRCUIT_FAILURES (2 here) times in a row."""
     model = _model()
-    bad = add_fake_channel(relay, upstream[1], f"badkey-{model}", [model], priority=10, api_key="wrong")
+    fields = {"api_key": "wrong"} if refusal == "wrong-key" else {"model_mapping": {model: "fail-403-deactivated"}}
+    bad = add_fake_channel(relay, upstream[1], f"badkey-{model}", [model], priority=10, **fields)
     add_fake_channel(relay, upstream[1], f"ok-{model}", [model], priority=0)
-    response = _ask(relay, relay.new_key()["key"], model)
+    key = relay.new_key()["key"]
+    response = _ask(relay, key, model)
     assert response.status_code == 200 and response.headers["x-relay-channel"] == f"ok-{model}"
+    assert relay.ok("GET", f"/admin/channels/{bad['id']}")["status"] == "enabled"  # once is not yet a pattern
+    assert _ask(relay, key, model).status_code == 200
     assert relay.ok("GET", f"/admin/channels/{bad['id']}")["status"] == "auto_disabled"
     events = [e for e in relay.ok("GET", "/admin/audit?entity=channel")["data"]
               if e["entity_id"] == bad["id"] and e["action"] == "auto_disable"]
     assert events and events[0]["actor"] == "relay" and events[0]["after"]["status"] == "auto_disabled"
+
+
+def test_a_request_refused_with_403_is_that_requests_error(relay, upstream, calls):
+    """One tenant's 403 ("this key may not use that model") is its 4xx: no failover, no breaker count, and the
+    channel stays enabled for everybody."""
+    model = _model()
+    forbidding = add_fake_channel(relay, upstream[1], f"403-{model}", [model], priority=10,
+                                  model_mapping={model: "fail-403"})
+    add_fake_channel(relay, upstream[1], f"ok-{model}", [model], priority=0)
+    key = relay.new_key()["key"]
+    for _ in range(4):  # twice RELAY_CIRCUIT_FAILURES
+        response = _ask(relay, key, model)
+        assert response.status_code == 403, response.text
+        error = response.json()["error"]
+        assert error["code"] == "upstream_forbidden" and "failing with 403" in error["message"]
+    assert [c["body"]["model"] for c in calls] == ["fail-403"] * 4  # never failed over, never cooled down
+    assert relay.ok("GET", f"/admin/channels/{forbidding['id']}")["status"] == "enabled"
 
 
 def test_killing_a_channel_under_load_loses_no_request(relay):

@@ -55,14 +55,24 @@ def test_body_litellm_cannot_translate_is_400_not_retried(relay, calls):
     assert calls == []
 
 
-def test_client_fields_cannot_steer_litellm(relay, calls):
-    """Unknown fields reach the upstream body; none is taken as a litellm argument (api_base, headers...)."""
+def test_client_fields_cannot_steer_litellm(relay, upstream, calls):
+    """Unknown fields never reach the upstream unless the channel lets them through, and even then only as
+    data in the upstream body: none is taken as a litellm argument (api_base, headers, mock_response...)."""
     key = relay.new_key()["key"]
+    hostile = {"api_base": "http://127.0.0.1:1", "mock_response": "pwned", "headers": {"X-A": "1"}}
+    body = {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}], **hostile}
     response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
-                          json={"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}],
-                                "api_base": "http://127.0.0.1:1", "mock_response": "pwned", "headers": {"X-A": "1"}})
+                          json=body)
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "Hello from up-x"
+    assert not set(hostile) & set(calls[-1]["body"])  # dropped by default, and said so
+    dropped = {part.split(":", 1)[0] for part in response.headers["x-relay-rewrites"].split(";")}
+    assert set(hostile) <= dropped
+    model = f"open-{relay.url.rsplit(':', 1)[1]}"
+    add_fake_channel(relay, upstream[1], model, [model], passthrough=["*"])
+    response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                          json={**body, "model": model})
+    assert response.json()["choices"][0]["message"]["content"] == f"Hello from {model}"
     assert calls[-1]["body"]["mock_response"] == "pwned"  # forwarded as plain data
 
 

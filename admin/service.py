@@ -1,0 +1,208 @@
+"""The one service layer every configuration write goes through — admin routers, the CLI, `serve`'s
+bootstrap and the ONE API importer: each write is validated by the admin schemas, stored with its audit event
+(actor `admin`, `cli`, `bootstrap`, `import`, `relay`) and a config-version bump, in one transaction.
+
+Functions take a Session and return rows; the caller tells its own process's catalog to reload (other
+processes see the version move)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, SQLModel, select
+
+from admin.crud import get_or_404, snapshot_row
+from admin.schemas import ChannelCreate, ChannelUpdate, KeyCreate, KeyUpdate, TenantCreate, TenantUpdate
+from relay import config_state
+from relay.auth import hash_secret, new_secret, shown_prefix
+from relay.errors import RelayError, not_found
+from relay.models import ApiKey, AuditEvent, Channel, ModelPolicy, Tenant, utcnow
+from relay.secrets import SecretBox
+
+
+def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[str, Any] | None,
+         actor: str, after: dict[str, Any] | None = None) -> None:
+    """Commits the pending change, its audit event and the config-version bump together."""
+    if action != "delete":
+        if hasattr(row, "updated_at"):
+            row.updated_at = utcnow()
+        s.add(row)
+    try:
+        s.flush()
+        if after is None and action != "delete":
+            after = snapshot_row(row)
+        s.add(AuditEvent(actor=actor, action=action, entity=entity, entity_id=getattr(row, "id", None),
+                         before=before, after=after))
+        config_state.bump(s)
+        s.commit()
+    except IntegrityError as exc:
+        s.rollback()
+        raise RelayError(409, f"This {entity} conflicts with an existing one (names must be unique).",
+                         "invalid_request_error", "name", "conflict") from exc
+    if action != "delete":
+        s.refresh(row)
+
+
+def _patch(row: SQLModel, changes: dict[str, Any]) -> None:
+    for name, value in changes.items():
+        setattr(row, name, value)
+
+
+# --- tenants -------------------------------------------------------------------------------------
+
+def create_tenant(s: Session, body: TenantCreate, actor: str) -> Tenant:
+    tenant = Tenant(**body.model_dump())
+    save(s, action="create", entity="tenant", row=tenant, before=None, actor=actor)
+    return tenant
+
+
+def update_tenant(s: Session, tenant_id: int, body: TenantUpdate, actor: str) -> Tenant:
+    tenant = get_or_404(s, Tenant, tenant_id, "tenant")
+    before = snapshot_row(tenant)
+    _patch(tenant, body.model_dump(exclude_unset=True))
+    save(s, action="update", entity="tenant", row=tenant, before=before, actor=actor)
+    return tenant
+
+
+def delete_tenant(s: Session, tenant_id: int, actor: str) -> None:
+    """Deletes the tenant with its keys and policies; request logs keep their history."""
+    tenant = get_or_404(s, Tenant, tenant_id, "tenant")
+    before = snapshot_row(tenant)
+    s.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant_id))
+    s.execute(delete(ModelPolicy).where(ModelPolicy.tenant_id == tenant_id))
+    s.delete(tenant)
+    save(s, action="delete", entity="tenant", row=tenant, before=before, actor=actor)
+
+
+def tenant_by_name_or_id(s: Session, ref: str) -> Tenant:
+    tenant = s.exec(select(Tenant).where(Tenant.name == ref)).first()
+    if tenant is None and ref.isdigit():
+        tenant = s.get(Tenant, int(ref))
+    if tenant is None:
+        raise not_found(f"No tenant named {ref!r}.", "tenant", "tenant_not_found")
+    return tenant
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+def create_key(s: Session, body: KeyCreate, actor: str) -> tuple[ApiKey, str]:
+    """The new row and its secret, which exists nowhere else: only its SHA-256 is stored."""
+    if s.get(Tenant, body.tenant_id) is None:
+        raise not_found(f"No tenant with id {body.tenant_id}.", "tenant_id", "tenant_not_found")
+    secret = new_secret()
+    key = ApiKey(**body.model_dump(), prefix=shown_prefix(secret), key_hash=hash_secret(secret))
+    save(s, action="create", entity="api_key", row=key, before=None, actor=actor)
+    return key, secret
+
+
+def update_key(s: Session, key_id: int, body: KeyUpdate, actor: str) -> ApiKey:
+    key = get_or_404(s, ApiKey, key_id, "api_key")
+    before = snapshot_row(key)
+    _patch(key, body.model_dump(exclude_unset=True))
+    save(s, action="update", entity="api_key", row=key, before=before, actor=actor)
+    return key
+
+
+def revoke_key(s: Session, key_id: int, actor: str) -> ApiKey:
+    """The row stays, so usage history still names the key."""
+    key = get_or_404(s, ApiKey, key_id, "api_key")
+    before = snapshot_row(key)
+    key.status = "revoked"
+    save(s, action="revoke", entity="api_key", row=key, before=before, actor=actor)
+    return key
+
+
+# --- channels ------------------------------------------------------------------------------------
+
+def _sealed(fields: dict[str, Any], box: SecretBox) -> dict[str, Any]:
+    """Secrets are encrypted before they reach a row (and so the database and the audit log)."""
+    if fields.get("api_key") is not None:
+        fields["api_key"] = box.seal(fields["api_key"])
+    if fields.get("options") is not None:
+        fields["options"] = box.seal_options(fields["options"])
+    return fields
+
+
+def create_channel(s: Session, body: ChannelCreate, actor: str, box: SecretBox) -> Channel:
+    channel = Channel(**_sealed(body.model_dump(exclude_none=True), box))
+    save(s, action="create", entity="channel", row=channel, before=None, actor=actor)
+    return channel
+
+
+def update_channel(s: Session, channel_id: int, body: ChannelUpdate, actor: str, box: SecretBox) -> Channel:
+    channel = get_or_404(s, Channel, channel_id, "channel")
+    before = snapshot_row(channel)
+    _patch(channel, _sealed(body.model_dump(exclude_unset=True), box))
+    save(s, action="update", entity="channel", row=channel, before=before, actor=actor)
+    return channel
+
+
+def delete_channel(s: Session, channel_id: int, actor: str) -> None:
+    channel = get_or_404(s, Channel, channel_id, "channel")
+    before = snapshot_row(channel)
+    s.delete(channel)
+    save(s, action="delete", entity="channel", row=channel, before=before, actor=actor)
+
+
+def upsert_local_channel(s: Session, name: str, url: str, model: str, actor: str) -> Channel:
+    """The channel of a worker started by `serve --with-worker` (or named by `--worker-url`)."""
+    channel = s.exec(select(Channel).where(Channel.name == name)).first()
+    before = snapshot_row(channel)
+    if channel is None:
+        channel = Channel(name=name, type="local", models=[model])
+    channel.type, channel.base_url, channel.status = "local", url, "enabled"
+    if model not in channel.models:
+        channel.models = [*channel.models, model]
+    if before is not None and before == snapshot_row(channel):
+        return channel  # nothing changed: no audit event, no reload everywhere
+    save(s, action="create" if before is None else "update", entity="channel", row=channel, before=before,
+         actor=actor)
+    return channel
+
+
+def auto_disable(s: Session, channel_id: int, reason: str) -> bool:
+    """Sets an enabled channel to auto_disabled (once), audited; False when it was not enabled."""
+    result = s.execute(update(Channel).where(Channel.id == channel_id, Channel.status == "enabled")
+                       .values(status="auto_disabled", updated_at=utcnow()))
+    if not result.rowcount:
+        s.rollback()
+        return False
+    s.add(AuditEvent(actor="relay", action="auto_disable", entity="channel", entity_id=channel_id,
+                     before={"status": "enabled"}, after={"status": "auto_disabled", "reason": reason}))
+    config_state.bump(s)
+    s.commit()
+    return True
+
+
+# --- policies ------------------------------------------------------------------------------------
+
+def check_tenant(s: Session, tenant_id: int | None) -> None:
+    if tenant_id is not None and s.get(Tenant, tenant_id) is None:
+        raise not_found(f"No tenant with id {tenant_id}.", "tenant_id", "tenant_not_found")
+
+
+def create_policy(s: Session, fields: dict[str, Any], actor: str) -> ModelPolicy:
+    check_tenant(s, fields.get("tenant_id"))
+    policy = ModelPolicy(**fields)
+    save(s, action="create", entity="policy", row=policy, before=None, actor=actor)
+    return policy
+
+
+def update_policy(s: Session, policy_id: int, changes: dict[str, Any], actor: str) -> ModelPolicy:
+    policy = get_or_404(s, ModelPolicy, policy_id, "policy")
+    before = snapshot_row(policy)
+    if "tenant_id" in changes:
+        check_tenant(s, changes["tenant_id"])
+    _patch(policy, changes)
+    policy.version += 1  # part of the cache key: an edit never serves answers cached under old rules
+    save(s, action="update", entity="policy", row=policy, before=before, actor=actor)
+    return policy
+
+
+def delete_policy(s: Session, policy_id: int, actor: str) -> None:
+    policy = get_or_404(s, ModelPolicy, policy_id, "policy")
+    before = snapshot_row(policy)
+    s.delete(policy)
+    save(s, action="delete", entity="policy", row=policy, before=before, actor=actor)

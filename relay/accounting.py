@@ -1,0 +1,106 @@
+"""What a request costs and leaves behind, in one place: before dispatch its admission (token quotas and
+rpm/tpm, with its estimate reserved), afterwards its request-log row, its usage totals, the cache statistics
+and the settlement of what it reserved."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from relay.auth import Principal
+from relay.errors import RelayError
+from relay.limits import RateLimiter
+from relay.quota import Hold, QuotaLedger
+from relay.tokens import output_budget, prompt_tokens
+from relay.usage import UsageRecorder
+
+EMPTY_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+@dataclass
+class Admission:
+    """What an admitted request holds until it is over."""
+
+    estimate: int = 0  # tokens reserved against quotas and tpm
+    prompt_tokens: int | None = None  # the relay's own count, when it made one
+    hold: Hold | None = None
+    tpm: bool = False
+
+
+@dataclass
+class Entry:
+    """The request-log row of one request, filled in as the request goes."""
+
+    principal: Principal
+    endpoint: str
+    model: str
+    stream: bool
+    started: float
+    admission: Admission | None = None
+    channel_id: int | None = None
+    upstream_model: str | None = None
+    cache: str = "bypass"  # hit | miss | bypass
+    policy: str | None = None
+    rewrites: list[dict[str, Any]] | None = None
+
+
+class Accounting:
+    def __init__(self, usage: UsageRecorder, limits: RateLimiter, quota: QuotaLedger, cache_stats: Any,
+                 output_estimate: int) -> None:
+        self.usage = usage
+        self.limits = limits
+        self.quota = quota
+        self.cache_stats = cache_stats  # Counter of hit/miss/bypass, flushed by the cache
+        self.output_estimate = output_estimate
+        self._background: set[asyncio.Task] = set()
+
+    async def admit(self, principal: Principal, endpoint: str, request: dict[str, Any],
+                    body_bytes: int) -> Admission:
+        """Reserves the request's estimate against its quotas, then rpm/tpm; 429 when either is exhausted."""
+        tpm = self.limits.applies_to_tokens(principal)
+        admission = Admission(tpm=tpm)
+        if tpm or self.quota.applies(principal):
+            admission.prompt_tokens = await prompt_tokens(endpoint, request, body_bytes)
+            admission.estimate = admission.prompt_tokens + output_budget(request, self.output_estimate)
+        admission.hold = await self.quota.reserve(principal, admission.estimate)
+        try:
+            await self.limits.admit(principal, admission.estimate if tpm else 0)
+        except RelayError:
+            await self.quota.settle(admission.hold, 0)
+            raise
+        return admission
+
+    def finish(self, entry: Entry, status: int, usage: dict[str, Any] | None = None,
+               error_type: str | None = None) -> float:
+        """Writes the log row (batched), counts the tokens, settles the reservations; the latency in ms."""
+        latency_ms = (time.perf_counter() - entry.started) * 1000
+        usage = usage or EMPTY_USAGE
+        if status == 200:
+            self.cache_stats[entry.cache] += 1
+        tokens = int(usage.get("total_tokens") or 0)  # a cut-off stream still spent what it streamed
+        self.usage.record({
+            "tenant_id": entry.principal.tenant.id, "key_id": entry.principal.key.id, "endpoint": entry.endpoint,
+            "model": entry.model, "upstream_model": entry.upstream_model, "channel_id": entry.channel_id,
+            "stream": entry.stream, "status_code": status, "error_type": error_type,
+            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+            "completion_tokens": int(usage.get("completion_tokens") or 0), "total_tokens": tokens,
+            "latency_ms": round(latency_ms, 3), "cache": entry.cache, "policy": entry.policy,
+            "rewrites": entry.rewrites or None,
+        })
+        admission = entry.admission
+        if admission is not None and (admission.hold is not None or admission.tpm):
+            entry.admission = None  # settled once, whatever calls finish again
+            self._later(self._settle(entry.principal, admission, tokens))
+        return latency_ms
+
+    async def _settle(self, principal: Principal, admission: Admission, spent: int) -> None:
+        await self.quota.settle(admission.hold, spent)
+        if admission.tpm:
+            await self.limits.settle_tokens(principal, spent - admission.estimate)
+
+    def _later(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,57 @@
+"""The database's identity and its configuration version (table `relay_state`, one row).
+
+Every configuration edit bumps `config_version` in its own transaction, so a process that holds version N
+knows it must reload when it reads more than N — whatever the clocks of the hosts that wrote. The deployment
+id, made with the database, prefixes every Redis key: a recreated database never reads an old Redis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select, update
+from sqlmodel import Session
+
+from relay.models import RelayState
+from relay.secrets import CHECK_PLAINTEXT, SecretBox, SecretKeyError
+
+
+@dataclass(frozen=True)
+class StateRow:
+    deployment_id: str
+    config_version: int
+
+
+def bump(session: Session) -> None:
+    """Part of the caller's transaction: the edit and the new version commit together."""
+    session.execute(update(RelayState).where(RelayState.id == 1)
+                    .values(config_version=RelayState.config_version + 1))
+
+
+def read(engine: Engine) -> StateRow:
+    with Session(engine) as s:
+        row = s.execute(select(RelayState.deployment_id, RelayState.config_version)
+                        .where(RelayState.id == 1)).one()
+    return StateRow(row[0], int(row[1]))
+
+
+def version(engine: Engine) -> int:
+    with Session(engine) as s:
+        return int(s.execute(select(RelayState.config_version).where(RelayState.id == 1)).scalar_one())
+
+
+def check_secret_key(engine: Engine, box: SecretBox) -> None:
+    """Refuses a key that is not this database's; remembers the key on first use."""
+    with Session(engine) as s:
+        stored = s.execute(select(RelayState.secret_check).where(RelayState.id == 1)).scalar_one()
+        if stored is None:
+            s.execute(update(RelayState).where(RelayState.id == 1)
+                      .values(secret_check=box.encrypt(CHECK_PLAINTEXT)))
+            s.commit()
+            return
+    try:
+        ok = box.decrypt(stored) == CHECK_PLAINTEXT
+    except SecretKeyError:
+        ok = False
+    if not ok:
+        raise SecretKeyError("RELAY_SECRET_KEY is not the key this database's upstream secrets were encrypted "
+                             "with; start the relay with that key (a list 'new,old' rotates to a new one).")
