@@ -25,6 +25,7 @@ from channels.litellm_base import warm_up
 from relay import __version__, config_state
 from relay.accounting import Accounting
 from relay.api import router as openai_router
+from relay.body_limit import BodyLimit
 from relay.cache import ResponseCache
 from relay.catalog import Catalog
 from relay.circuit import CircuitBreaker
@@ -109,10 +110,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             config_sync.close()
             engine.dispose()
 
-    app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan,
-                  max_body_size=settings.max_body_bytes)
+    app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.ready = False
+    # The last added runs first: strangers are refused at /admin before the body limit even looks at a body.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AdminGuard, admin_token=settings.admin_token)
     install_handlers(app)
     app.include_router(openai_router)

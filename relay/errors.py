@@ -56,8 +56,9 @@ def not_found(message: str, param: str | None = None, code: str | None = None) -
     return RelayError(404, message, "invalid_request_error", param, code)
 
 
-def upstream_error(message: str, status: int = 502) -> RelayError:
-    return RelayError(status, message, "upstream_error", None, "upstream_error")
+def too_large(limit_bytes: int) -> RelayError:
+    return RelayError(413, f"The request body is larger than this relay accepts ({limit_bytes // 1024} KiB; "
+                           "RELAY_MAX_BODY_MB).", "invalid_request_error", None, "request_too_large")
 
 
 _STATUS_TYPES = {401: "invalid_request_error", 403: "invalid_request_error", 404: "invalid_request_error",
@@ -86,11 +87,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(req: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 413:  # raised while the body is read (FastAPI's max_body_size)
-            limit = getattr(req.app, "max_body_size", None) or 0
-            return RelayError(413, f"The request body is larger than this relay accepts ({limit // 1024} KiB; "
-                                   "RELAY_MAX_BODY_MB).", "invalid_request_error", None,
-                              "request_too_large").response()
+        if exc.status_code == 413:  # raised while the body is read (relay.body_limit)
+            return too_large(req.app.state.settings.max_body_bytes).response()
         err_type = _STATUS_TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500
                                      else "invalid_request_error")
         return RelayError(exc.status_code, str(exc.detail), err_type).response()

@@ -6,7 +6,9 @@ name: `fail-<status>[-credit|-deactivated]` answers that HTTP status (with a pro
 or the error code `account_deactivated`),
 `huge-usage` reports absurd token counts, `slow-<ms>...` waits that long before answering,
 `json-by-temperature` answers broken JSON above temperature 0.5
-(or with none) and valid JSON at or below it, anything else answers "Hello from <model>".
+(or with none) and valid JSON at or below it, `json-redos` answers {"a": "aaa…a"} (40 a's, the input that makes
+`^(a+)+X$` backtrack for ages), `words-<n>` answers n words, `drip-<n>-<ms>` answers n words and streams them
+one every <ms> milliseconds, anything else answers "Hello from <model>".
 
 Run alone: python -m tests.fake_upstream --port 9101 [--delay-ms 50]"""
 
@@ -33,6 +35,10 @@ class FakeUpstream:
         if model == "json-by-temperature":
             hot = body.get("temperature") is None or body["temperature"] > 0.5
             return '{"answer": "broken' if hot else '{"answer": 42}'
+        if model == "json-redos":
+            return '{"a": "' + "a" * 40 + '"}'
+        if model.startswith(("words-", "drip-")):
+            return " ".join(["word"] * int(model.split("-")[1]))
         return f"Hello from {model}"
 
     async def __call__(self, scope, receive, send) -> None:
@@ -73,7 +79,10 @@ class FakeUpstream:
                         "headers": [(b"content-type", b"text/event-stream")]})
             pieces = [{"delta": {"role": "assistant", "content": w} if chat else None, "text": w}
                       for w in words]
+            drip_s = int(model.split("-")[2]) / 1000 if model.startswith("drip-") else 0
             for piece in pieces:
+                if drip_s:
+                    await asyncio.sleep(drip_s)
                 choice = {"index": 0, "finish_reason": None}
                 choice.update({"delta": piece["delta"]} if chat else {"text": piece["text"]})
                 await _event(send, {**base, "object": _obj(chat, True), "choices": [choice]})

@@ -1,0 +1,139 @@
+"""What one hostile tenant (or a stranger) can send: bodies too large or too deep, regular expressions that
+backtrack forever, fields of the wrong endpoint. Each gets a clear 4xx in OpenAI's shape, fast, and the gateway
+keeps serving everybody else."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.conftest import add_fake_channel, run_relay
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory, upstream):
+    tmp = tmp_path_factory.mktemp("hostile")
+    with run_relay(f"sqlite:///{tmp / 'hostile.db'}", tmp, env={"RELAY_MAX_BODY_MB": "1"}) as relay:
+        add_fake_channel(relay, upstream[1], "fake", ["gpt-x", "redos"], model_mapping={"redos": "json-redos"})
+        relay.ok("POST", "/admin/policies", {"model_pattern": "redos", "preset": "qwen2.5"})  # has json_retry
+        yield relay
+
+
+def _chat(relay, key: str, body: dict | None = None, raw: bytes | None = None, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(relay.url + "/v1/chat/completions", content=content, headers=headers, timeout=30, **kw)
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def _big_chat(size: int) -> bytes:
+    return json.dumps({"model": "gpt-x", "messages": [{"role": "user", "content": "x" * size}]}).encode()
+
+
+def test_body_over_the_limit_is_413_before_it_is_parsed(relay):
+    key = relay.new_key()["key"]
+    assert _chat(relay, key, raw=_big_chat(MB // 2)).status_code == 200  # under RELAY_MAX_BODY_MB=1
+    error = _error(_chat(relay, key, raw=_big_chat(2 * MB)), 413)
+    assert error["code"] == "request_too_large" and "RELAY_MAX_BODY_MB" in error["message"]
+
+    def chunks():  # no Content-Length: the limit holds while the body is read
+        yield b'{"model": "gpt-x", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"y" * 65536
+        yield b'"}]}'
+
+    streamed = httpx.post(relay.url + "/v1/chat/completions", content=chunks(), timeout=30,
+                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    assert _error(streamed, 413)["code"] == "request_too_large"
+
+
+def test_admin_refuses_strangers_before_reading_the_body(relay):
+    assert _error(httpx.post(relay.url + "/admin/tenants", content=b"{", timeout=30), 401)["code"] == \
+        "invalid_admin_token"
+    huge = b'{"name": "' + b"x" * (8 * MB) + b'"}'
+    response = httpx.post(relay.url + "/admin/tenants", content=huge, timeout=30,
+                          headers={"Authorization": "Bearer wrong"})
+    assert _error(response, 401)["code"] == "invalid_admin_token"
+    # With the token, the body limit applies to the admin API too.
+    response = httpx.post(relay.url + "/admin/tenants", content=huge, timeout=30,
+                          headers={"Authorization": "Bearer test-admin-token"})
+    assert _error(response, 413)["code"] == "request_too_large"
+
+
+def test_json_nested_too_deep_is_400_naming_the_field(relay):
+    key = relay.new_key()
+    part: object = "leaf"
+    for _ in range(300):
+        part = {"x": part}
+    body = {"model": "gpt-x", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "deep": part}]}]}
+    error = _error(_chat(relay, key["key"], body), 400)
+    assert error["param"].startswith("messages.0.content.0.deep.x") and "64 levels" in error["message"]
+    rows = relay.logs(key["tenant_id"])
+    assert rows and rows[0]["status_code"] == 400  # refused, and still logged
+
+
+def test_a_backtracking_pattern_cannot_hold_the_gateway(relay):
+    """^(a+)+X$ against 40 a's takes Python's re hours; RE2 answers at once, and /health keeps answering."""
+    key = relay.new_key()["key"]
+    body = {"model": "redos", "messages": [{"role": "user", "content": "give me json"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+                "type": "object", "properties": {"a": {"type": "string", "pattern": "^(a+)+X$"}}}}}}
+    results: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: results.append(_chat(relay, key, body)))
+    started = time.monotonic()
+    worker.start()
+    while worker.is_alive() and time.monotonic() - started < 5:
+        assert httpx.get(relay.url + "/health", timeout=2).status_code == 200
+        time.sleep(0.05)
+    worker.join(timeout=30)
+    assert results and results[0].status_code == 200, results
+    assert time.monotonic() - started < 10
+    # The pattern never matches, so every answer was judged invalid and retried cooler, down to greedy.
+    assert int(results[0].headers["x-relay-json-attempts"]) >= 2
+
+
+@pytest.mark.parametrize("pattern", ["(a", "[z-a]", "a{2,1}"])
+def test_a_broken_pattern_is_400(relay, pattern):
+    body = {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+                "type": "object", "properties": {"a": {"type": "string", "pattern": pattern}}}}}}
+    error = _error(_chat(relay, relay.new_key()["key"], body), 400)
+    assert error["param"] == "response_format.json_schema.schema.properties.a.pattern"
+
+
+@pytest.mark.parametrize("field", ["tools", "max_completion_tokens", "reasoning_effort", "messages"])
+def test_chat_fields_on_completions_are_400_and_never_count_against_the_channel(relay, upstream, calls, field):
+    model = f"cmpl-{uuid.uuid4().hex[:6]}"
+    add_fake_channel(relay, upstream[1], model, [model])
+    key = relay.new_key()["key"]
+    values = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+              "max_completion_tokens": 5, "reasoning_effort": "low", "messages": [{"role": "user", "content": "x"}]}
+    for _ in range(4):  # more than RELAY_CIRCUIT_FAILURES
+        response = httpx.post(relay.url + "/v1/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                              json={"model": model, "prompt": "hi", field: values[field]})
+        assert _error(response, 400)["param"] == field
+    assert calls == []
+    ok = httpx.post(relay.url + "/v1/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                    json={"model": model, "prompt": "hi"})
+    assert ok.status_code == 200 and ok.headers["x-relay-channel"] == model
+
+
+def test_request_schemas_are_published(relay):
+    spec = httpx.get(relay.url + "/openapi.json", timeout=30).json()
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "messages"} <= set(chat["required"]) and "temperature" in chat["properties"]
+    completion = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "prompt" in completion["required"]
