@@ -135,12 +135,13 @@ def classify(exc: Exception) -> UpstreamError:
 def _unsendable(exc: Exception, chain: list[BaseException]) -> UpstreamError | None:
     """litellm could not build the upstream request from this body (nothing was sent): the request's 400,
     never a failure of the channel."""
-    if isinstance(exc, litellm.APIConnectionError) or any(isinstance(e, TypeError) for e in chain):
-        text = " ".join(str(e) for e in chain)
-        match = re.search(r"unexpected keyword argument '([^']+)'", text)
+    for error in chain:  # the SDK's signature refused an argument of this endpoint
+        match = re.search(r"unexpected keyword argument '([^']+)'", str(error)) if isinstance(error, TypeError) \
+            else None
         if match:
             return UpstreamError(400, f"This endpoint does not take the parameter `{match.group(1)}`.",
                                  retryable=False, kind="invalid_request_error", param=match.group(1))
+    if isinstance(exc, litellm.APIConnectionError):  # no network error behind it (checked before)
         return UpstreamError(400, "This request cannot be sent to the upstream in this form.", retryable=False,
                              kind="invalid_request_error")
     return None

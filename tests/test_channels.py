@@ -66,3 +66,28 @@ def test_litellm_channel_type(relay, upstream, calls):
                                                  stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from lt-upstream"
     assert [c["body"]["model"] for c in calls] == ["lt-upstream", "lt-upstream"]
+
+
+def test_an_argument_the_sdk_refuses_is_the_requests_400(upstream, calls):
+    """litellm fails before sending anything when an SDK method does not take an argument: that is the
+    request's error (not retried, not counted against the channel), naming the argument."""
+    import asyncio
+
+    import litellm
+
+    from channels.base import UpstreamError
+    from channels.litellm_base import classify
+
+    channel = build(ChannelConfig(1, "c", "openai", upstream[1], "upstream-secret", ("m",)))
+    kwargs = channel._kwargs({"model": "m", "prompt": "hi"}, text=True)
+
+    async def call() -> UpstreamError:
+        try:
+            await litellm.atext_completion(**kwargs, tools=[{"type": "function", "function": {"name": "f"}}])
+        except Exception as exc:
+            return classify(exc)
+        raise AssertionError("litellm sent it")
+
+    error = asyncio.run(call())
+    assert (error.status, error.retryable, error.param) == (400, False, "tools")
+    assert calls == []

@@ -88,6 +88,7 @@ def test_compose_structure() -> None:
     assert "@postgres:" in env["RELAY_DATABASE_URL"]
     assert env["RELAY_REDIS_URL"].startswith("redis://redis:")
     assert "RELAY_ADMIN_TOKEN" in env["RELAY_ADMIN_TOKEN"]  # taken from the operator's environment, not baked in
+    assert "RELAY_SECRET_KEY" in env["RELAY_SECRET_KEY"]  # likewise: PostgreSQL needs the key set
 
     # The slim image has no curl, so the gateway's healthcheck must not rely on it.
     test = gateway["healthcheck"]["test"]
