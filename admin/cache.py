@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from admin.deps import FilterId, require_admin
+from admin.schemas import TextFilter
 
 router = APIRouter(prefix="/admin/cache", tags=["cache"])
 
@@ -18,7 +19,7 @@ async def cache_stats(request: Request, _: str = Depends(require_admin)) -> dict
 
 
 @router.delete("")
-async def purge(request: Request, model: str | None = None, tenant_id: FilterId = None,
+async def purge(request: Request, model: TextFilter = None, tenant_id: FilterId = None,
                 _: str = Depends(require_admin)) -> dict[str, Any]:
     """Without a filter, everything; `model` or `tenant_id` purge only that model's or tenant's entries."""
     removed = await request.app.state.cache.purge(model=model, tenant_id=tenant_id)

@@ -4,6 +4,7 @@ a database session, the secret box, and announcing an edit to every gateway proc
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -19,6 +20,7 @@ from relay.secrets import SecretBox
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 FilterId = Annotated[int | None, Query(ge=1, le=2**31 - 1)]
 ADMIN_PREFIX = "/admin"
+log = logging.getLogger("relay.admin")
 
 
 def admin_actor(expected: str | None, authorization: str | None) -> str:
@@ -66,5 +68,9 @@ def secret_box(request: Request) -> SecretBox:
 
 
 def announce(request: Request) -> None:
-    """After a write: this process reloads now, the others are nudged (or see the version at their poll)."""
-    request.app.state.config_sync.changed()
+    """After a write: this process reloads now, the others are nudged (or see the version at their poll). The
+    write is committed either way: a failed reload must not make it look failed (the poll catches up)."""
+    try:
+        request.app.state.config_sync.changed()
+    except Exception as exc:
+        log.warning("reload after an admin write failed (the next poll retries): %s", str(exc).splitlines()[0])

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from fastapi import Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from admin.crud import redact_options, redact_url
 from channels.registry import channel_types
@@ -15,6 +16,7 @@ from channels.registry import channel_types
 INT32_MAX = 2**31 - 1  # PostgreSQL INTEGER columns
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
 NonNegative = Annotated[int, Field(ge=0, le=INT32_MAX)]
+PerMinute = Annotated[int, Field(ge=1, le=INT32_MAX)]  # a rate limit; null (not 0) means none
 Int32 = Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)]
 Tokens = Annotated[int, Field(ge=0, le=2**53)]
 RowRef = Annotated[int, Field(ge=1, le=INT32_MAX)]
@@ -46,15 +48,24 @@ class _Out(BaseModel):
 def _as_utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59-14:00 is past the last datetime Python has
+        raise ValueError("is out of range") from None
+
+
+# A time from a client, in UTC; an overflow is a 400 like any other invalid value.
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+# A short text filter (query strings): no NUL, which PostgreSQL refuses with an error.
+TextFilter = Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")]
 
 
 # --- tenants -------------------------------------------------------------------------------------
 
 class TenantCreate(_In):
     name: Name
-    rpm: NonNegative | None = None
-    tpm: NonNegative | None = None
+    rpm: PerMinute | None = None
+    tpm: PerMinute | None = None
     token_quota: Tokens | None = None
 
 
@@ -62,8 +73,8 @@ class TenantUpdate(_Patch):
     nullable = frozenset({"rpm", "tpm", "token_quota"})
     name: Name | None = None
     status: Literal["active", "disabled"] | None = None
-    rpm: NonNegative | None = None
-    tpm: NonNegative | None = None
+    rpm: PerMinute | None = None
+    tpm: PerMinute | None = None
     token_quota: Tokens | None = None
 
 
@@ -82,12 +93,13 @@ class TenantOut(_Out):
 # --- keys ----------------------------------------------------------------------------------------
 
 class _KeyFields(_In):
-    models: list[ModelName] | None = None
-    ip_allow: list[str] | None = None
-    expires_at: datetime | None = None
+    # null means every model / any address; an empty list is refused rather than read as either
+    models: Annotated[list[ModelName], Field(min_length=1, max_length=10_000)] | None = None
+    ip_allow: Annotated[list[str], Field(min_length=1, max_length=1_000)] | None = None
+    expires_at: UtcDateTime | None = None
     token_quota: Tokens | None = None
-    rpm: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
-    tpm: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    rpm: PerMinute | None = None
+    tpm: PerMinute | None = None
 
     @field_validator("ip_allow")
     @classmethod
@@ -99,10 +111,6 @@ class _KeyFields(_In):
         except ValueError as exc:
             raise ValueError(f"not an IP address or CIDR network: {exc}") from None
 
-    @field_validator("expires_at")
-    @classmethod
-    def _utc(cls, v: datetime | None) -> datetime | None:
-        return _as_utc(v)
 
 
 class KeyCreate(_KeyFields):
@@ -168,6 +176,9 @@ class _ChannelFields(_In):
             raise ValueError("the port must be a number from 1 to 65535") from None
         if not parts.hostname or port == 0:
             raise ValueError("must name a host (and a port from 1 to 65535, if any)")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials (they would be stored in plain text): put them in "
+                             "api_key or options.extra_headers, which are encrypted")
         return v
 
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy import case, func
 from sqlmodel import Session, select
 
 from admin.deps import FilterId, db_session, require_admin
-from admin.schemas import _as_utc
+from admin.schemas import TextFilter, UtcDateTime
 from relay.models import AuditEvent, RequestLog
 
 router = APIRouter(prefix="/admin", tags=["usage"])
 
 
 @router.get("/usage")
-def usage(since: datetime | None = None, until: datetime | None = None, tenant_id: FilterId = None,
-          model: str | None = None, s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
+def usage(since: UtcDateTime | None = None, until: UtcDateTime | None = None, tenant_id: FilterId = None,
+          model: TextFilter = None, s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
     """Totals grouped by tenant, model and channel over an optional time window."""
     cols = (RequestLog.tenant_id, RequestLog.model, RequestLog.channel_id)
     query = select(*cols, func.count(), func.sum(RequestLog.prompt_tokens),
@@ -25,9 +23,9 @@ def usage(since: datetime | None = None, until: datetime | None = None, tenant_i
                    func.sum(case((RequestLog.status_code >= 400, 1), else_=0)),
                    func.avg(RequestLog.latency_ms)).group_by(*cols).order_by(*cols)
     if since is not None:
-        query = query.where(RequestLog.created_at >= _as_utc(since))
+        query = query.where(RequestLog.created_at >= since)
     if until is not None:
-        query = query.where(RequestLog.created_at < _as_utc(until))
+        query = query.where(RequestLog.created_at < until)
     if tenant_id is not None:
         query = query.where(RequestLog.tenant_id == tenant_id)
     if model is not None:
@@ -49,7 +47,7 @@ def logs(limit: int = Query(100, ge=1, le=1000), tenant_id: FilterId = None,
 
 
 @router.get("/audit")
-def audit(limit: int = Query(100, ge=1, le=1000), entity: str | None = None,
+def audit(limit: int = Query(100, ge=1, le=1000), entity: TextFilter = None,
           s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
     if entity is not None:

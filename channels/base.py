@@ -32,6 +32,20 @@ class ChannelConfig:
         return self.model_mapping.get(model, model)
 
 
+# OpenAI's core generation fields of each endpoint: what every channel receives (relay.passthrough) and what a
+# litellm channel hands litellm as arguments.
+OPENAI_FIELDS = {
+    "chat": frozenset({
+        "model", "messages", "temperature", "top_p", "n", "stream", "stream_options", "stop", "max_tokens",
+        "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+        "top_logprobs", "response_format", "seed", "tools", "tool_choice", "parallel_tool_calls", "functions",
+        "function_call", "reasoning_effort"}),
+    "completions": frozenset({
+        "model", "prompt", "temperature", "top_p", "n", "stream", "stream_options", "stop", "max_tokens",
+        "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "echo", "suffix",
+        "best_of"}),
+}
+
 # ONE API / new-api disable a channel whose error carries these; a provider's words must not pass them on.
 ONE_API_DISABLE_WORDS = ("credit", "balance", "permission denied", "insufficient_quota", "authentication_error",
                          "permission_error", "quota")

@@ -23,7 +23,7 @@ import litellm  # noqa: E402
 import openai  # noqa: E402
 from litellm.litellm_core_utils import litellm_logging  # noqa: E402
 
-from channels.base import ONE_API_DISABLE_WORDS, Channel, UpstreamError  # noqa: E402
+from channels.base import ONE_API_DISABLE_WORDS, OPENAI_FIELDS, Channel, UpstreamError  # noqa: E402
 
 litellm.telemetry = False
 litellm.suppress_debug_info = True
@@ -44,17 +44,14 @@ for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
 
 # litellm adds its own bookkeeping to every object; clients of an OpenAI API must not see it.
 _PRIVATE_KEYS = frozenset({"provider_specific_fields", "_hidden_params", "_response_ms"})
-# OpenAI's own request fields of each endpoint go to litellm as arguments. Anything else a client sends (and
-# the relay let through) travels in `extra_body`, so it reaches the upstream's JSON (vLLM's top_k, ...) but can
-# never be taken by litellm as one of its own arguments (api_base, headers, mock_response, model_list, ...).
-_CHAT_FIELDS = frozenset({
-    "messages", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
-    "max_completion_tokens", "n", "presence_penalty", "response_format", "seed", "stop", "stream",
-    "stream_options", "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls", "user", "functions",
-    "function_call", "reasoning_effort", "modalities", "audio", "prediction", "service_tier", "store"})
-_COMPLETION_FIELDS = frozenset({
-    "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
-    "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user"})
+# OpenAI's own request fields of each endpoint go to litellm as arguments (so it translates them for providers
+# that are not OpenAI-compatible), as do the OpenAI fields it translates that an operator may let through a
+# channel's passthrough. Anything else travels in `extra_body`, so it reaches the upstream's JSON (vLLM's
+# top_k, ...) but can never be taken by litellm as one of its own arguments (api_base, headers, mock_response).
+_LITELLM_ARGS = {
+    "chat": OPENAI_FIELDS["chat"] | {"user", "store", "service_tier", "modalities", "audio", "prediction"},
+    "completions": OPENAI_FIELDS["completions"] | {"user"},
+}
 _NOT_FORWARDED = frozenset({"model", "metadata"})  # metadata carries relay hints (metadata.task)
 
 
@@ -209,7 +206,7 @@ class LiteLLMChannel(Channel):
         return kwargs
 
     def _kwargs(self, request: dict[str, Any], *, text: bool = False) -> dict[str, Any]:
-        fields = _COMPLETION_FIELDS if text else _CHAT_FIELDS
+        fields = _LITELLM_ARGS["completions" if text else "chat"]
         body = {k: v for k, v in request.items() if k in fields}
         extra = {k: v for k, v in request.items() if k not in fields and k not in _NOT_FORWARDED}
         if extra:

@@ -13,7 +13,7 @@ from relay.auth import Principal
 from relay.errors import RelayError
 from relay.limits import RateLimiter
 from relay.quota import Hold, QuotaLedger
-from relay.tokens import output_budget, prompt_tokens
+from relay.tokens import output_budget, output_cap, prompt_tokens
 from relay.usage import UsageRecorder
 
 EMPTY_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -27,6 +27,9 @@ class Admission:
     prompt_tokens: int | None = None  # the relay's own count, when it made one
     hold: Hold | None = None
     tpm: bool = False
+    # The reservation assumed this max_tokens, which the request did not name: it must be sent with it, or the
+    # answer could outgrow what was reserved.
+    cap: int | None = None
 
 
 @dataclass
@@ -56,14 +59,18 @@ class Accounting:
         self.output_estimate = output_estimate
         self._background: set[asyncio.Task] = set()
 
-    async def admit(self, principal: Principal, endpoint: str, request: dict[str, Any],
-                    body_bytes: int) -> Admission:
-        """Reserves the request's estimate against its quotas, then rpm/tpm; 429 when either is exhausted."""
+    async def admit(self, principal: Principal, endpoint: str, request: dict[str, Any], body_bytes: int,
+                    calls: int = 1) -> Admission:
+        """Reserves the request's estimate (for `calls` upstream calls, as a JSON retry may make) against its
+        quotas, then rpm/tpm; 429 when either is exhausted."""
         tpm = self.limits.applies_to_tokens(principal)
         admission = Admission(tpm=tpm)
         if tpm or self.quota.applies(principal):
             admission.prompt_tokens = await prompt_tokens(endpoint, request, body_bytes)
-            admission.estimate = admission.prompt_tokens + output_budget(request, self.output_estimate)
+            per_choice = output_cap(request)
+            if per_choice is None:
+                per_choice = admission.cap = self.output_estimate
+            admission.estimate = (admission.prompt_tokens + output_budget(request, per_choice)) * calls
         admission.hold = await self.quota.reserve(principal, admission.estimate)
         try:
             await self.limits.admit(principal, admission.estimate if tpm else 0)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP surface: authenticate, read and validate the body, hand to the pipeline, encode.
 
-Bodies are read as raw bytes (FastAPI's `max_body_size` stops an oversized one while it is read) and parsed by
-relay.openai_schema; the request schemas are still published in /openapi.json for clients and fuzzers."""
+Bodies are read as raw bytes (relay.body_limit stops an oversized one while it is read) and parsed by
+relay.openai_schema, large ones and response schemas off the event loop; the request schemas are still
+published in /openapi.json for clients and fuzzers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from starlette.responses import Response, StreamingResponse
 
 from relay.auth import authenticate, model_allowed
 from relay.errors import RelayError, not_found
-from relay.openai_schema import ChatRequest, CompletionRequest, parse_body
+from relay.openai_schema import ChatRequest, CompletionRequest, check_response_schema, parse_body, response_schema
 from relay.pipeline import Pipeline, RelayCall
 
 router = APIRouter()
@@ -58,6 +59,8 @@ async def _relay(request: Request, endpoint: str, schema) -> Response:
             body = parse_body(raw, schema)
         else:
             body = await asyncio.to_thread(parse_body, raw, schema)
+        if response_schema(body) is not None:
+            await asyncio.to_thread(check_response_schema, body)
     except RelayError as exc:
         _pipeline(request).reject(RelayCall(endpoint, {"model": "(invalid request)"}, principal, started), exc)
         raise

@@ -51,7 +51,7 @@ def deterministic(request: dict[str, Any], channels: list[Channel]) -> bool:
 
 def _canonical(value: Any) -> Any:
     """1 and 1.0, key order, and any float spelling map to one form."""
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # beyond: keep it a float
         return int(value)
     if isinstance(value, dict):
         return {k: _canonical(v) for k, v in sorted(value.items())}
@@ -145,11 +145,13 @@ class ResponseCache:
         self.stats.clear()
         if not counts or self.redis is None:
             return
-        async def write() -> None:
+        async def write() -> bool:
             pipe = self.redis.pipeline(transaction=False)
             for name, n in counts.items():
                 pipe.hincrby(self.prefix + "stats", name, n)
             await pipe.execute()
+            return True
+
         if await self._call(write) is None:
             self.stats.update(counts)  # keep them for the next flush
 

@@ -11,6 +11,7 @@ per process."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 from channels.base import Channel
@@ -27,6 +28,7 @@ class CircuitBreaker:
         self.prefix = state.prefix + "cb:"
         self._failing: set[int] = set()  # channels this process saw fail since their last success
         self._local_refusals: Counter[int] = Counter()  # the credential streak when Redis is away
+        self._streak_cleared: dict[int, float] = {}  # when this process last ended a channel's refusal streak
 
     async def usable(self, channels: list[Channel]) -> list[Channel]:
         """The channels not cooling down, in the same order; all of them if every one is cooling."""
@@ -70,8 +72,18 @@ class CircuitBreaker:
 
     async def succeeded(self, channel: Channel) -> None:
         cid = channel.config.id
-        if cid in self._failing:  # only then is there a streak to end: no Redis call on the hot path
+        if cid in self._failing:  # this process saw the streak: end it now
             self._failing.discard(cid)
             self._local_refusals.pop(cid, None)
-            await self.state.call(lambda: self.state.client.delete(f"{self.prefix}fail:{cid}",
-                                                                   f"{self.prefix}auth:{cid}"))
+            await self.forget(channel)
+        elif time.monotonic() - self._streak_cleared.get(cid, 0.0) > 1.0:
+            # Another process may be counting refusals of this channel: a success here breaks "in a row" for
+            # it too. At most one Redis call per channel per second on the hot path.
+            self._streak_cleared[cid] = time.monotonic()
+            await self.state.call(lambda: self.state.client.delete(f"{self.prefix}auth:{cid}"))
+
+    async def forget(self, channel: Channel) -> None:
+        """Ends the channel's streaks (after a success, or once it was disabled: re-enabled, it starts afresh)."""
+        cid = channel.config.id
+        self._streak_cleared[cid] = time.monotonic()
+        await self.state.call(lambda: self.state.client.delete(f"{self.prefix}fail:{cid}", f"{self.prefix}auth:{cid}"))

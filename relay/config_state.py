@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, select, update
 from sqlmodel import Session
 
-from relay.models import RelayState
-from relay.secrets import CHECK_PLAINTEXT, SecretBox, SecretKeyError
+from relay.models import Channel, RelayState
+from relay.secrets import CHECK_PLAINTEXT, PREFIX, SecretBox, SecretKeyError
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,20 @@ def version(engine: Engine) -> int:
 
 
 def check_secret_key(engine: Engine, box: SecretBox) -> None:
-    """Refuses a key that is not this database's; remembers the key on first use."""
+    """Refuses a key that is not this database's. A database that remembers none yet (a new one) remembers
+    this one — unless a secret stored earlier does not decrypt with it."""
     with Session(engine) as s:
         stored = s.execute(select(RelayState.secret_check).where(RelayState.id == 1)).scalar_one()
         if stored is None:
-            s.execute(update(RelayState).where(RelayState.id == 1)
+            sample = s.execute(select(Channel.api_key).where(Channel.api_key.like(PREFIX + "%")).limit(1)).scalar()
+            if sample is not None:
+                box.decrypt(sample)  # raises SecretKeyError when it was encrypted with another key
+            # Only if still unset: of two processes starting at once with different keys, one wins, the other
+            # is refused below.
+            s.execute(update(RelayState).where(RelayState.id == 1, RelayState.secret_check.is_(None))
                       .values(secret_check=box.encrypt(CHECK_PLAINTEXT)))
             s.commit()
-            return
+            stored = s.execute(select(RelayState.secret_check).where(RelayState.id == 1)).scalar_one()
     try:
         ok = box.decrypt(stored) == CHECK_PLAINTEXT
     except SecretKeyError:

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -98,6 +98,17 @@ def install_handlers(app: FastAPI) -> None:
         logging.getLogger("relay").warning("database unavailable: %s", str(exc).splitlines()[0][:300])
         return RelayError(503, "The relay's database is unavailable right now; retry shortly.", "server_error",
                           None, "database_unavailable", headers={"Retry-After": "5"}).response()
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_req: Request, exc: DataError) -> Response:
+        # A value the database refuses (a NUL in a string, a number out of its column's range): the input's fault.
+        return bad_request("A value in this request cannot be stored or searched for (out of range or invalid "
+                           "characters).", None, "invalid_value").response()
+
+    @app.exception_handler(IntegrityError)
+    async def _conflict(_req: Request, exc: IntegrityError) -> Response:
+        return RelayError(409, "This conflicts with an existing entry.", "invalid_request_error", None,
+                          "conflict").response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> Response:

@@ -1,6 +1,9 @@
-"""Checking a JSON answer against the client's own `json_schema` without letting the client's regular
-expressions hold the process: every `pattern` / `patternProperties` is matched by RE2 (linear time, bounded
-memory) instead of Python's backtracking `re`, and the whole check runs in a thread under a time budget.
+"""Checking a JSON answer against the client's own `json_schema` without letting the client hold the process:
+every `pattern` / `patternProperties` is matched by RE2 (linear time, bounded memory) instead of Python's
+backtracking `re`; a schema may carry at most MAX_PATTERNS patterns of MAX_PATTERN_CHARS each; and the check
+runs in its own thread under a time budget — a check that overruns it (an exponential `anyOf` tree, a
+quadratic `uniqueItems`) is stopped inside the thread, and at most CHECKS_AT_ONCE run at a time (beyond that an
+answer is judged by parsing alone).
 
 A pattern RE2 cannot take (backreferences, lookaround) cannot be checked: the answer is then judged by
 parsing alone. A pattern that is not a regular expression at all is refused with the request (400)."""
@@ -8,10 +11,12 @@ parsing alone. A pattern that is not a regular expression at all is refused with
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import itertools
 import json
 import re
+import threading
 from typing import Any
 
 import jsonschema
@@ -22,16 +27,21 @@ import re2
 from referencing import Registry
 
 CHECK_BUDGET_S = 2.0  # an answer not judged by then is returned as it is
+CHECKS_AT_ONCE = 2  # concurrent checks per process (each may take a core for CHECK_BUDGET_S)
+MAX_PATTERNS = 100  # per schema; more is a 400
+MAX_PATTERN_CHARS = 1000
+MAX_CHECKED_CHARS = 256 * 1024  # a longer answer is judged by parsing alone
 _RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.max_mem = 8 << 20  # per compiled pattern; a larger one is "cannot be checked"
+_RE2_OPTIONS.max_mem = 1 << 20  # per compiled pattern; a larger one is "cannot be checked"
 _RE2_OPTIONS.log_errors = False
+_SCHEMA_DATA = frozenset({"default", "const", "enum", "examples", "example"})  # values, not subschemas
 
 
 class Unverifiable(Exception):
     """The schema uses a pattern the safe engine cannot run."""
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=64)
 def _compiled(pattern: str) -> Any:
     try:
         return re2.compile(pattern, _RE2_OPTIONS)
@@ -59,24 +69,29 @@ for _module in (jsonschema._keywords, jsonschema._utils, jsonschema._legacy_keyw
     _module.re = _SafeRe  # type: ignore[attr-defined]
 
 
-def broken_pattern(schema: Any) -> tuple[str, str] | None:
-    """(path, message) of the first pattern in a schema that is no regular expression at all."""
+def schema_problem(schema: Any) -> tuple[str, str] | None:
+    """(path, message) of what makes a request's schema unacceptable: too many or too long patterns, or a
+    pattern that is no regular expression at all. CPU-bound (it compiles them): callers run it in a thread."""
+    patterns: list[tuple[str, str]] = []
     stack: list[tuple[Any, str]] = [(schema, "")]
     while stack:
         node, path = stack.pop()
         if isinstance(node, dict):
-            candidates = []
             if isinstance(node.get("pattern"), str):
-                candidates.append((node["pattern"], f"{path}.pattern"))
+                patterns.append((node["pattern"], f"{path}.pattern"))
             if isinstance(node.get("patternProperties"), dict):
-                candidates += [(p, f"{path}.patternProperties") for p in node["patternProperties"]]
-            for pattern, where in candidates:
-                problem = _pattern_problem(pattern)
-                if problem:
-                    return where.lstrip("."), problem
-            stack.extend((v, f"{path}.{k}") for k, v in node.items() if isinstance(v, dict | list))
+                patterns += [(str(p), f"{path}.patternProperties") for p in node["patternProperties"]]
+            if len(patterns) > MAX_PATTERNS:
+                return path.lstrip("."), f"the schema has more than {MAX_PATTERNS} patterns"
+            stack.extend((v, f"{path}.{k}") for k, v in node.items()
+                         if isinstance(v, dict | list) and k not in _SCHEMA_DATA)
         elif isinstance(node, list):
             stack.extend((v, f"{path}.{i}") for i, v in enumerate(node) if isinstance(v, dict | list))
+    for pattern, where in patterns:
+        problem = (f"a pattern is longer than {MAX_PATTERN_CHARS} characters" if len(pattern) > MAX_PATTERN_CHARS
+                   else _pattern_problem(pattern))
+        if problem:
+            return where.lstrip("."), problem
     return None
 
 
@@ -112,9 +127,58 @@ def answer_ok(response: dict[str, Any], request: dict[str, Any]) -> bool:
     return not errors
 
 
+class _Stopped(BaseException):
+    """Raised inside a check's thread when its time is up (BaseException: no `except Exception` swallows it)."""
+
+
+_running = 0  # checks in flight in this process (only the event loop's thread changes it)
+
+
 async def answer_ok_in_time(response: dict[str, Any], request: dict[str, Any]) -> bool:
-    """answer_ok off the event loop; an answer that cannot be judged within the budget counts as good."""
+    """answer_ok in a thread of its own, stopped when it overruns CHECK_BUDGET_S; an answer that cannot be
+    judged (in time, or because CHECKS_AT_ONCE are running) counts as good."""
+    global _running
+    content = _content(response)
+    if content is None:
+        return False
+    if len(content) > MAX_CHECKED_CHARS:
+        return await asyncio.to_thread(_parses, content)
+    if _running >= CHECKS_AT_ONCE:
+        return _parses(content)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bool] = loop.create_future()
+
+    def work() -> None:
+        try:
+            result = answer_ok(response, request)
+        except _Stopped:
+            result = True
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+    thread = threading.Thread(target=work, name="json-check", daemon=True)
+    _running += 1
+    thread.start()
     try:
-        return await asyncio.wait_for(asyncio.to_thread(answer_ok, response, request), CHECK_BUDGET_S)
+        return await asyncio.wait_for(asyncio.shield(done), CHECK_BUDGET_S)
     except TimeoutError:
+        # Python cannot kill a thread, but it can raise in one: the check stops at its next bytecode.
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stopped))
         return True
+    finally:
+        _running -= 1
+
+
+def _content(response: dict[str, Any]) -> str | None:
+    try:
+        content = response["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
+
+
+def _parses(content: str) -> bool:
+    try:
+        json.loads(content)
+    except (ValueError, RecursionError):
+        return False
+    return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +28,10 @@ class Drain:
             self.deadline = time.monotonic() + max(self.timeout_s - _MARGIN_S, 0.1)
 
     def install(self) -> None:
-        """Runs before uvicorn's own handlers (which it installed with signal.signal before our startup)."""
+        """Runs before uvicorn's own handlers (which it installed with signal.signal before our startup). Only the
+        main thread may set handlers: an app embedded in another thread (a test client) drains nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous = signal.getsignal(sig)
             if not callable(previous):

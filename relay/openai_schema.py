@@ -6,12 +6,17 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
+import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from relay.errors import RelayError, bad_request
-from relay.json_check import broken_pattern
+from relay.json_check import schema_problem
 
 MAX_DEPTH = 64  # JSON nesting; deeper is a 400 (nothing an OpenAI client sends comes close)
+# JSON objects and arrays per body: parsed, each costs ~60 bytes of Python memory (16 MB of `[],` would be
+# ~1 GB); a long conversation with tools has a few thousand.
+MAX_CONTAINERS = 100_000
+_JSON_STRING = re2.compile(rb'"(?:[^"\\]|\\.)*"')
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -66,7 +71,7 @@ class ChatRequest(_Common):
 class CompletionRequest(_Common):
     refused = frozenset({"messages", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
                          "max_completion_tokens", "reasoning_effort", "top_logprobs", "modalities", "audio",
-                         "prediction", "web_search_options"})
+                         "prediction", "web_search_options", "verbosity"})
 
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
@@ -85,6 +90,9 @@ class CompletionRequest(_Common):
 def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
     """Parse and validate; returns the client's own dict (not a re-serialised model) so nothing the
     client sent is renamed or re-typed on the way upstream."""
+    if _too_many_containers(raw):
+        raise bad_request(f"The request has more than {MAX_CONTAINERS:,} JSON objects and arrays.", None,
+                          "invalid_value")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -103,7 +111,6 @@ def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
         schema.model_validate(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    _check_json_schema(body)
     if "stream_options" in body and not body.get("stream"):
         # OpenAI refuses stream_options without stream; drop it instead, since gateways in front of us
         # (new-api forces include_usage) may add it to every request.
@@ -111,32 +118,56 @@ def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
     return body
 
 
-def _deeper_than(value: Any, limit: int) -> str | None:
-    """The path of the first value nested deeper than `limit`, or None; iterative, so depth costs no stack."""
-    stack: list[tuple[Any, int, tuple]] = [(value, 0, ())]
+def _too_many_containers(raw: bytes) -> bool:
+    """Counted in the raw bytes, before parsing builds them; brackets inside strings do not count."""
+    if raw.count(b"{") + raw.count(b"[") <= MAX_CONTAINERS:
+        return False
+    outside_strings = _JSON_STRING.sub(b"", raw)  # RE2: linear, no recursion
+    return outside_strings.count(b"{") + outside_strings.count(b"[") > MAX_CONTAINERS
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether a container nests more than `limit` levels below `value`. Iterative (depth costs no stack), and
+    without paths (a path per value would cost a tuple per value of a huge body)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
-        node, depth, path = stack.pop()
+        node, depth = stack.pop()
         if depth > limit:
-            return ".".join(str(p) for p in path[:8]) + (".…" if len(path) > 8 else "")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1, path + (k,)) for k, v in node.items() if isinstance(v, dict | list))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1, path + (i,)) for i, v in enumerate(node) if isinstance(v, dict | list))
-    return None
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((v, depth + 1) for v in children if isinstance(v, dict | list))
+    return False
 
 
-def _check_json_schema(body: dict[str, Any]) -> None:
-    """A json_schema whose patterns are not regular expressions is refused here, as OpenAI refuses it."""
+def _deeper_than(value: Any, limit: int) -> str | None:
+    """The path to the first value nested deeper than `limit`, or None."""
+    if not _too_deep(value, limit):
+        return None
+    path: list[str] = []
+    node = value
+    while len(path) <= limit:  # follow a branch that is still too deep
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        key, node = next((k, v) for k, v in items
+                         if isinstance(v, dict | list) and _too_deep(v, limit - len(path) - 1))
+        path.append(str(key))
+    return ".".join(path[:8]) + (".…" if len(path) > 8 else "")
+
+
+def response_schema(body: dict[str, Any]) -> Any:
+    """The json_schema a chat request asks its answer to follow, if any."""
     fmt = body.get("response_format")
     spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    if schema is None:
-        return
-    broken = broken_pattern(schema)
-    if broken is not None:
-        where, problem = broken
+    return spec.get("schema") if isinstance(spec, dict) else None
+
+
+def check_response_schema(body: dict[str, Any]) -> None:
+    """A json_schema with too many patterns, or one that is no regular expression, is refused, as OpenAI refuses
+    an invalid schema. It compiles patterns: run it off the event loop."""
+    problem = schema_problem(response_schema(body))
+    if problem is not None:
+        where, message = problem
         param = "response_format.json_schema.schema" + (f".{where}" if where else "")
-        raise bad_request(f"Invalid schema for response_format: {problem}.", param, "invalid_value")
+        raise bad_request(f"Invalid schema for response_format: {message}.", param, "invalid_value")
 
 
 def _validation_error(exc: ValidationError) -> RelayError:

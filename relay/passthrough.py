@@ -3,24 +3,17 @@
 OpenAI's core generation fields always do (a policy's `drop` can still remove them). Any other field — those
 that bill the operator (`service_tier`), keep the tenant's data at the operator's provider (`store`), or
 identify users (`user`, `safety_identifier`, `prompt_cache_key`), and any field nobody declared — reaches it
-only when the channel's `passthrough` list names it (`["*"]`: everything). Without a list, a channel takes
-the sampling extras of vLLM and the local worker. Every dropped field is a rewrite with rule `passthrough`."""
+only when the channel's `passthrough` list names it (`["*"]`: everything). Every channel takes the sampling
+extras of vLLM and the local worker, and every field the policy itself set (greedy as `top_k: 1` must reach
+the upstream). Every dropped field is a rewrite with rule `passthrough`; its value is not recorded (a `user`
+the relay keeps from the upstream should not sit in the request log either), only its JSON type."""
 
 from __future__ import annotations
 
 from typing import Any
 
-CORE_FIELDS = {
-    "chat": frozenset({
-        "model", "messages", "temperature", "top_p", "n", "stream", "stream_options", "stop", "max_tokens",
-        "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-        "top_logprobs", "response_format", "seed", "tools", "tool_choice", "parallel_tool_calls", "functions",
-        "function_call", "reasoning_effort"}),
-    "completions": frozenset({
-        "model", "prompt", "temperature", "top_p", "n", "stream", "stream_options", "stop", "max_tokens",
-        "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "echo", "suffix",
-        "best_of"}),
-}
+from channels.base import OPENAI_FIELDS
+
 # Sampling and decoding extras (vLLM's and the local worker's): they shape this one answer, bill nothing
 # extra and carry no one's data.
 DEFAULT_EXTRAS = frozenset({
@@ -29,15 +22,16 @@ DEFAULT_EXTRAS = frozenset({
     "truncate_prompt_tokens", "bad_words", "allowed_token_ids", "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern",
     "structured_outputs", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-    "add_special_tokens", "echo", "return_tokens_as_token_ids", "prompt_logprobs", "documents"})
+    "add_special_tokens", "echo", "return_tokens_as_token_ids", "prompt_logprobs", "documents",
+    "response_format"})  # on /v1/completions: vLLM's structured outputs
 RELAY_ONLY = frozenset({"metadata"})  # hints for the relay itself (metadata.task); never forwarded
 
 
-def upstream_fields(endpoint: str, request: dict[str, Any],
-                    allowed: frozenset[str] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def upstream_fields(endpoint: str, request: dict[str, Any], allowed: frozenset[str] | None,
+                    policy_set: frozenset[str] = frozenset()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The request as this channel may receive it, and a rewrite record per field taken out."""
-    core = CORE_FIELDS.get(endpoint, CORE_FIELDS["chat"])
-    extras = DEFAULT_EXTRAS if allowed is None else allowed
+    core = OPENAI_FIELDS[endpoint]
+    extras = DEFAULT_EXTRAS | (allowed or frozenset()) | policy_set
     everything = "*" in extras
     kept: dict[str, Any] = {}
     dropped: list[dict[str, Any]] = []
@@ -47,5 +41,12 @@ def upstream_fields(endpoint: str, request: dict[str, Any],
         if name in core or everything or name in extras:
             kept[name] = value
         else:
-            dropped.append({"param": name, "from": value, "to": None, "rule": "passthrough"})
+            dropped.append({"param": name[:100], "from": _kind(value), "to": None, "rule": "passthrough"})
     return kept, dropped
+
+
+def _kind(value: Any) -> Any:
+    """What the log and the header show of a dropped value: booleans and numbers as they were, else a type."""
+    if isinstance(value, bool | int | float):
+        return value
+    return {str: "<string>", dict: "<object>", list: "<array>"}.get(type(value), "<null>")

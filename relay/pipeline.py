@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -93,6 +94,7 @@ class Pipeline:
         self.breaker = breaker
         self.drain = drain
         self.disable_channel = disable_channel
+        self._background: set[asyncio.Task] = set()
 
     async def run(self, call: RelayCall) -> RelayResult:
         attempt = _Attempt(call, PolicyOutcome(call.body), Entry(call.principal, call.endpoint, call.body["model"],
@@ -106,8 +108,11 @@ class Pipeline:
             if not channels:
                 raise not_found(f"The model `{model}` does not exist or you do not have access to it.",
                                 "model", "model_not_found")
-            attempt.entry.admission = await self.accounting.admit(call.principal, call.endpoint,
-                                                                  attempt.outcome.request, call.body_bytes)
+            retries = attempt.outcome.rules.json_retry.attempts if wants_json_retry(attempt.outcome) else 0
+            admission = attempt.entry.admission = await self.accounting.admit(
+                call.principal, call.endpoint, attempt.outcome.request, call.body_bytes, calls=1 + retries)
+            if admission.cap is not None:
+                attempt.outcome = attempt.outcome.with_value("max_tokens", admission.cap, "quota.reservation")
             ordered = await self.breaker.usable(candidates(channels))
             cacheable = cache_plan(call.endpoint, attempt.outcome, call.principal.tenant.id, ordered,
                                    call.cache_control) if self.cache.enabled else None
@@ -197,15 +202,17 @@ class Pipeline:
         headers = {"X-Relay-Policy": attempt.outcome.ref or "none",
                    "X-Relay-Rewrites": rewrites_header(attempt.outcome.rewrites + attempt.dropped),
                    "X-Relay-Cache": attempt.entry.cache}
-        if attempt.channel is not None:
-            headers["X-Relay-Channel"] = attempt.channel.config.name
+        if attempt.channel is not None:  # an operator may name a channel in any script: headers carry ASCII
+            headers["X-Relay-Channel"] = quote(attempt.channel.config.name, safe=" _.-()[]@+")
         return headers
 
     # --- dispatch -------------------------------------------------------------------------------------
 
     def _upstream_request(self, attempt: _Attempt, channel: Channel) -> dict[str, Any]:
         config = channel.config
-        request, attempt.dropped = upstream_fields(attempt.call.endpoint, attempt.outcome.request, config.passthrough)
+        policy_set = frozenset(r["param"] for r in attempt.outcome.rewrites if r["to"] is not None)
+        request, attempt.dropped = upstream_fields(attempt.call.endpoint, attempt.outcome.request, config.passthrough,
+                                                   policy_set)
         request["model"] = config.upstream_model(request["model"])
         attempt.entry.channel_id, attempt.entry.upstream_model = config.id, request["model"]
         if request.get("stream") and config.capabilities.get("stream_usage", True):
@@ -246,8 +253,19 @@ class Pipeline:
         log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
         refused_credentials = exc.kind == "upstream_auth"
         if await self.breaker.failed(channel, credentials=refused_credentials):
-            await self.disable_channel(channel, exc.message)
+            # Off the request path: with the database away the write fails, and failover must not.
+            task = asyncio.create_task(self._disable(channel, exc.message))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return True
+
+    async def _disable(self, channel: Channel, reason: str) -> None:
+        try:
+            await self.disable_channel(channel, reason)
+            await self.breaker.forget(channel)
+        except Exception as exc:
+            log.error("could not auto-disable channel %s (it keeps failing over): %s", channel.config.name,
+                      str(exc).splitlines()[0][:300])
 
     async def _call_channels(self, attempt: _Attempt, channels: list[Channel]) -> dict[str, Any]:
         """The first channel that answers; retryable failures move on to the next one."""

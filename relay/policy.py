@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import quote
 
 from relay.json_check import answer_ok_in_time
 from relay.policy_rules import Bound, Rules
@@ -43,14 +45,34 @@ class PolicyOutcome:
     rules: Rules | None = None
     task: str | None = None
 
-    def rewrites_header(self, extra: list[dict[str, Any]] | None = None) -> str:
-        return rewrites_header(self.rewrites + (extra or []))
+    def rewrites_header(self) -> str:
+        return rewrites_header(self.rewrites)
+
+    def with_value(self, param: str, value: Any, rule: str) -> PolicyOutcome:
+        """The same outcome with one more rewrite (made after the policy, e.g. by a quota reservation)."""
+        record = {"param": param, "from": self.request.get(param), "to": value, "rule": rule}
+        return PolicyOutcome({**self.request, param: value}, self.rewrites + [record], self.ref, self.rules,
+                             self.task)
+
+
+_HEADER_LIMIT = 2000  # characters of X-Relay-Rewrites; proxies and clients refuse much longer headers
 
 
 def rewrites_header(rewrites: list[dict[str, Any]]) -> str:
+    """`param:from->to;…` in printable ASCII (field names come from clients: percent-encoded), at most
+    _HEADER_LIMIT characters (then `;+N more`; the request log has them all)."""
     if not rewrites:
         return "none"
-    return ";".join(f"{r['param']}:{_show(r['from'])}->{_show(r['to'])}" for r in rewrites)
+    parts = [f"{quote(str(r['param'])[:64], safe='_.-')}:{_show(r['from'])}->{_show(r['to'])}" for r in rewrites]
+    shown: list[str] = []
+    length = 0
+    for i, part in enumerate(parts):
+        if length + len(part) > _HEADER_LIMIT:
+            shown.append(f"+{len(parts) - i} more")
+            break
+        shown.append(part)
+        length += len(part) + 1
+    return ";".join(shown)
 
 
 def _show(value: Any) -> str:
@@ -58,7 +80,7 @@ def _show(value: Any) -> str:
     if value is None:
         return "unset"
     text = value if isinstance(value, int | float) and not isinstance(value, bool) else json.dumps(value)
-    return str(text).replace(";", ",")[:40]
+    return re.sub(r"[^\x20-\x7e]", "?", str(text).replace(";", ","))[:40]
 
 
 def match(policies: list[PolicyInfo], model: str, tenant_id: int | None) -> PolicyInfo | None:

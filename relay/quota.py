@@ -1,49 +1,64 @@
 """Token quotas of tenants and keys, reserved before dispatch and settled after (ONE API's
-preConsumeQuota/postConsumeQuota): a request is admitted only if its estimate (prompt tokens + its
-max_tokens, see relay.tokens) fits in what is left, the estimate is held while it runs, and the difference
-to what it really spent is given back. So concurrency cannot overspend a quota by more than one request's
+preConsumeQuota/postConsumeQuota): a request is admitted only if its estimate (prompt tokens + the completion
+tokens it may spend, see relay.tokens) fits in what is left; the estimate is held while it runs and replaced
+by what it really spent when it ends. So concurrency cannot overspend a quota by more than one request's
 estimate error.
 
-With Redis the counters are shared by every gateway process (one Lua script checks and reserves atomically;
-a missing counter is seeded from the database's total). Without Redis each process reserves against the
-database's total plus its own pending usage: concurrent processes can then overspend each other's share."""
+With Redis, every gateway process shares, per tenant and per key, a counter of spent tokens and a hash of the
+holds of requests in flight (each with an expiry, so a process that dies mid-request frees its holds). The
+database's total is a floor for the counter on every reservation: a settlement lost to a Redis blip, or
+spending served while Redis was away, cannot hide. Without Redis each process reserves against the database's
+total plus its own holds: concurrent processes can then overspend each other's share."""
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from relay.auth import Principal
 from relay.errors import RelayError
 from relay.redis_state import RedisState
 from relay.usage import UsageRecorder
 
-_TTL_S = 86_400  # an idle counter expires and is seeded again from the database
+HOLD_TTL_S = 900  # a hold outlives any request the relay serves; a crashed process's holds expire after it
+_COUNTER_TTL_S = 86_400  # an idle counter expires and is seeded again from the database
 
-# KEYS: counters. ARGV: estimate, then per counter (seed, limit), then the TTL. Returns {0, 0} when reserved,
-# else the 1-based index of the first counter that has no room and its current value.
+# KEYS: per scope its counter and its holds. ARGV: request id, estimate, now (s), hold ttl (s), counter ttl
+# (s), then per scope (database total, limit). Returns {0, 0} when held, else the 1-based index of the first
+# scope without room and what it has spent and holds.
 _RESERVE = """
-local estimate = tonumber(ARGV[1])
-local current = {}
-for i, key in ipairs(KEYS) do
-  local value = redis.call('GET', key)
-  if not value then
-    value = ARGV[i * 2]
-    redis.call('SET', key, value, 'EX', ARGV[#ARGV])
+local rid, estimate, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local scopes = #KEYS / 2
+for i = 1, scopes do
+  local counter, holds = KEYS[2 * i - 1], KEYS[2 * i]
+  local floor, limit = ARGV[4 + 2 * i], tonumber(ARGV[5 + 2 * i])
+  local spent = tonumber(redis.call('GET', counter) or '-1')
+  if spent < tonumber(floor) then
+    spent = tonumber(floor)
+    redis.call('SET', counter, floor)
   end
-  current[i] = tonumber(value)
-  if current[i] + estimate > tonumber(ARGV[i * 2 + 1]) then return {i, current[i]} end
+  local held = 0
+  local entries = redis.call('HGETALL', holds)
+  for j = 1, #entries, 2 do
+    local amount, expires = string.match(entries[j + 1], '(%d+):(%d+)')
+    if tonumber(expires) < now then redis.call('HDEL', holds, entries[j]) else held = held + tonumber(amount) end
+  end
+  if spent + held + estimate > limit then return {i, spent + held} end
 end
-for i, key in ipairs(KEYS) do
-  redis.call('INCRBY', key, estimate)
-  redis.call('EXPIRE', key, ARGV[#ARGV])
+for i = 1, scopes do
+  redis.call('HSET', KEYS[2 * i], rid, ARGV[2] .. ':' .. (now + ttl))
+  redis.call('EXPIRE', KEYS[2 * i], ttl)
+  redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[5])
 end
 return {0, 0}
 """
-# KEYS: counters. ARGV: spent - estimate. A counter that vanished meanwhile is seeded afresh next time.
+# KEYS: per scope its counter and its holds. ARGV: request id, tokens spent.
 _SETTLE = """
-for _, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, ARGV[1]) end
+for i = 1, #KEYS / 2 do
+  redis.call('HDEL', KEYS[2 * i], ARGV[1])
+  if redis.call('EXISTS', KEYS[2 * i - 1]) == 1 then redis.call('INCRBY', KEYS[2 * i - 1], ARGV[2]) end
 end
 return 0
 """
@@ -53,7 +68,7 @@ return 0
 class _Scope:
     name: str  # "tenant:3" | "key:7"
     limit: int
-    used: int  # the database's total plus this process's pending usage
+    spent: int  # the database's total plus this process's pending usage
     label: str  # for the client: "tenant" | "API key"
 
 
@@ -62,6 +77,7 @@ class Hold:
     scopes: list[_Scope]
     tokens: int
     shared: bool  # held in Redis (else in this process)
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 class QuotaLedger:
@@ -71,7 +87,8 @@ class QuotaLedger:
         self.prefix = state.prefix + "quota:"
         self._reserve = state.client.register_script(_RESERVE) if state.client is not None else None
         self._settle = state.client.register_script(_SETTLE) if state.client is not None else None
-        self._held: Counter[str] = Counter()  # this process's reservations when Redis is away
+        self._held: Counter[str] = Counter()  # this process's holds when Redis is away
+        self._unsettled: list[tuple[Hold, int]] = []  # settlements Redis missed: retried by retry_settlements
 
     @staticmethod
     def applies(principal: Principal) -> bool:
@@ -87,30 +104,33 @@ class QuotaLedger:
             scopes.append(_Scope(f"key:{key.id}", key.token_quota, self.usage.key_used(key.id), "API key"))
         return scopes
 
+    def _keys(self, scopes: list[_Scope]) -> list[str]:
+        return [self.prefix + s.name + suffix for s in scopes for suffix in ("", ":holds")]
+
     async def reserve(self, principal: Principal, tokens: int) -> Hold | None:
         """Holds `tokens` against every quota of the request, or refuses it (429 insufficient_quota)."""
         scopes = self._scopes(principal)
         if not scopes:
             return None
+        hold = Hold(scopes, tokens, shared=True)
         if self._reserve is not None:
-            args: list[int] = [tokens]
+            args: list[int | str] = [hold.id, tokens, int(time.time()), HOLD_TTL_S, _COUNTER_TTL_S]
             for scope in scopes:
-                args += [scope.used, scope.limit]
-            args.append(_TTL_S)
-            result = await self.state.call(lambda: self._reserve(keys=[self.prefix + s.name for s in scopes],
-                                                                 args=args))
+                args += [scope.spent, scope.limit]
+            result = await self.state.call(lambda: self._reserve(keys=self._keys(scopes), args=args))
             if result is not None:
                 index, current = int(result[0]), int(result[1])
                 if index:
                     raise _refusal(scopes[index - 1], current, tokens)
-                return Hold(scopes, tokens, shared=True)
+                return hold
         for scope in scopes:  # Redis off or away: this process's view
-            current = scope.used + self._held[scope.name]
+            current = scope.spent + self._held[scope.name]
             if current + tokens > scope.limit:
                 raise _refusal(scope, current, tokens)
         for scope in scopes:
             self._held[scope.name] += tokens
-        return Hold(scopes, tokens, shared=False)
+        hold.shared = False
+        return hold
 
     async def settle(self, hold: Hold | None, spent: int) -> None:
         """The request is over: it cost `spent` (already recorded in the usage totals)."""
@@ -122,10 +142,19 @@ class QuotaLedger:
                 if self._held[scope.name] <= 0:
                     del self._held[scope.name]
             return
-        delta = spent - hold.tokens
-        if delta and self._settle is not None:
-            await self.state.call(lambda: self._settle(keys=[self.prefix + s.name for s in hold.scopes],
-                                                       args=[delta]))
+        if await self._settle_shared(hold, spent) is None:
+            self._unsettled.append((hold, spent))  # its hold would otherwise block the quota until it expires
+
+    async def _settle_shared(self, hold: Hold, spent: int):
+        if self._settle is None:
+            return None
+        return await self.state.call(lambda: self._settle(keys=self._keys(hold.scopes), args=[hold.id, spent]))
+
+    async def retry_settlements(self) -> None:
+        pending, self._unsettled = self._unsettled, []
+        for hold, spent in pending:
+            if await self._settle_shared(hold, spent) is None:
+                self._unsettled.append((hold, spent))
 
 
 def _refusal(scope: _Scope, current: int, tokens: int) -> RelayError:

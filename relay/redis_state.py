@@ -21,8 +21,13 @@ class RedisState:
         # Every key of this deployment starts with this: a recreated database (a new deployment id) never
         # reads the cache, buckets or circuit state of the old one.
         self.prefix = f"relay:{deployment_id[:16]}:" if deployment_id else "relay:"
-        self.client = aioredis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5,
-                                        health_check_interval=0) if url else None
+        # A blocking pool: a burst of requests waits a moment for a connection instead of failing with
+        # "too many connections", which would look like Redis being down (limits off, cache off) for a second.
+        # The read timeout is generous for the same reason: under a burst this process's own event loop can be
+        # late to read an answer Redis sent at once. A Redis that is gone refuses connections at once anyway.
+        self.client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=256, timeout=2.0, socket_connect_timeout=0.25, socket_timeout=2.0,
+            health_check_interval=0)) if url else None
         self.errors = 0
         self._down_until = 0.0
         self._warned_at = 0.0
@@ -46,4 +51,4 @@ class RedisState:
 
     async def close(self) -> None:
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.aclose(close_connection_pool=True)

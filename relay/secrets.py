@@ -21,8 +21,9 @@ log = logging.getLogger("relay.secrets")
 
 PREFIX = "enc:v1:"  # marks a stored value as encrypted (rows written before encryption have none)
 CHECK_PLAINTEXT = "policy-relay secret check"
-# Option names that carry credentials (aws_secret_access_key, extra_headers.Authorization, ...).
-SECRET_WORDS = re.compile(r"key|secret|token|password|credential|auth|cookie", re.I)
+# Option names whose values (at any depth below them) carry credentials: aws_secret_access_key, api_keys: [...],
+# and every header an operator adds (extra_headers: {"X-Custom": "Bearer ..."}).
+SECRET_WORDS = re.compile(r"key|secret|token|password|credential|auth|cookie|headers", re.I)
 
 
 class SecretKeyError(RuntimeError):
@@ -63,13 +64,13 @@ class SecretBox:
         return _walk(options, self.decrypt)
 
 
-def _walk(value: Any, fn) -> Any:
+def _walk(value: Any, fn, secret: bool = False) -> Any:
+    """`fn` applied to every string at or below a secret-named key."""
     if isinstance(value, dict):
-        return {k: (fn(v) if isinstance(v, str) and SECRET_WORDS.search(str(k)) else _walk(v, fn))
-                for k, v in value.items()}
+        return {k: _walk(v, fn, secret or bool(SECRET_WORDS.search(str(k)))) for k, v in value.items()}
     if isinstance(value, list):
-        return [_walk(v, fn) for v in value]
-    return value
+        return [_walk(v, fn, secret) for v in value]
+    return fn(value) if secret and isinstance(value, str) else value
 
 
 def new_key() -> str:

@@ -20,8 +20,9 @@ _INLINE_LIMIT = 64 * 1024  # bodies (bytes) or texts (characters) counted on the
 def _count(endpoint: str, body: dict[str, Any]) -> int:
     try:
         if endpoint == "chat":
+            # use_default_image_token_count: never fetch a client's image URL (a network call on the event loop)
             return litellm.token_counter(model="gpt-4", messages=body.get("messages") or [],
-                                         tools=body.get("tools") or None)
+                                         tools=body.get("tools") or None, use_default_image_token_count=True)
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             return litellm.token_counter(model="gpt-4", text=prompt)
@@ -49,12 +50,18 @@ async def text_tokens(text: str) -> int:
     return await asyncio.to_thread(litellm.token_counter, model="gpt-4", text=text)
 
 
-def output_budget(request: dict[str, Any], default: int) -> int:
-    """The completion tokens a request may spend: its (policy-capped) max_tokens, times its choices."""
+def output_cap(request: dict[str, Any]) -> int | None:
+    """The request's own limit on completion tokens per choice, if it names one."""
     cap = request.get("max_completion_tokens") or request.get("max_tokens")
-    per_choice = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else default
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
+
+
+def output_budget(request: dict[str, Any], per_choice: int) -> int:
+    """The completion tokens a request may spend: per choice, times its choices, times its prompts."""
     choices = max(_int(request.get("n")), _int(request.get("best_of")))
-    return per_choice * choices
+    prompt = request.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return per_choice * choices * prompts
 
 
 def _int(value: Any) -> int:

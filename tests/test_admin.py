@@ -153,9 +153,16 @@ def test_out_of_range_ids_are_4xx(relay, path):
 
 
 def test_nested_channel_secrets_are_redacted(relay, upstream):
-    created = relay.ok("POST", "/admin/channels", {
+    # Credentials in a URL would be stored in plain text: refused, with the field named.
+    refused = relay.admin("POST", "/admin/channels", {
         "name": f"nested-{_uid()}", "type": "openai", "base_url": "https://user:PROVIDERSECRET3@example.invalid/v1",
-        "models": [f"m-{_uid()}"], "options": {"extra_headers": {"Authorization": "Bearer PROVIDERSECRET1"}}})
+        "models": [f"m-{_uid()}"]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "base_url"
+    created = relay.ok("POST", "/admin/channels", {
+        "name": f"nested-{_uid()}", "type": "openai", "base_url": "https://example.invalid/v1",
+        "models": [f"m-{_uid()}"], "options": {"extra_headers": {"Authorization": "Bearer PROVIDERSECRET1",
+                                                                 "X-Custom": "PROVIDERSECRET2"},
+                                               "api_keys": ["PROVIDERSECRET4"]}})
     for body in (created, relay.ok("GET", f"/admin/channels/{created['id']}"), relay.ok("GET", "/admin/audit")):
         assert "PROVIDERSECRET" not in str(body)
     relay.ok("DELETE", f"/admin/channels/{created['id']}")

@@ -104,6 +104,8 @@ def test_policy_cap_applies_when_max_tokens_is_left_out(relay, calls):
     assert response.status_code == 200
     assert calls[-1]["body"]["max_tokens"] == 64
     assert "max_tokens:unset->64" in response.headers["x-relay-rewrites"]
+    sent_before = len(calls)
     response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
                           json={"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500})
-    assert calls[-1]["body"]["max_tokens"] == 64
+    assert response.status_code == 200 and len(calls) == sent_before + 1
+    assert calls[-1]["body"]["max_tokens"] == 64 and "max_tokens:500->64" in response.headers["x-relay-rewrites"]

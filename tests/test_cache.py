@@ -163,6 +163,9 @@ def test_admin_stats_and_purge(relay):
     time.sleep(1.5)  # counters are flushed to Redis every second
     stats = relay.ok("GET", "/admin/cache")
     assert stats["redis"] == "up" and stats["hit"] >= 2 and stats["miss"] >= 2 and stats["entries"] >= 2
+    time.sleep(2.5)  # no traffic: the counters stay as they are (they used to be re-added at every flush)
+    again = relay.ok("GET", "/admin/cache")
+    assert (again["hit"], again["miss"]) == (stats["hit"], stats["miss"])
     assert relay.ok("DELETE", f"/admin/cache?tenant_id={a['tenant_id']}")["purged"] >= 1
     assert _post(relay, a["key"], messages=messages, temperature=0).headers["x-relay-cache"] == "miss"
     assert _post(relay, b["key"], messages=messages, temperature=0).headers["x-relay-cache"] == "hit"

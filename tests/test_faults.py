@@ -218,3 +218,37 @@ def test_a_nudge_spreads_an_edit_at_once(tmp_path, upstream):
         relay.ok("DELETE", f"/admin/keys/{key['id']}")
         time.sleep(0.5)
         assert [_ask(relay, key["key"]) for _ in range(10)] == [401] * 10
+
+
+def test_a_redis_blip_cannot_hide_spending_from_a_quota(tmp_path, upstream):
+    """While Redis is paused the relay reserves per process; afterwards the database's total is a floor for the
+    shared counter, so what was spent during the blip still counts."""
+    import redis
+
+    with own_redis() as (_, port), run_relay(f"sqlite:///{tmp_path / 'q.db'}", tmp_path,
+                                             env={"RELAY_REDIS_URL": f"redis://127.0.0.1:{port}/0"}) as relay:
+        add_fake_channel(relay, upstream[1], "fake", ["gpt-x"])
+        key = relay.new_key(tenant={"token_quota": 200})
+        assert _ask(relay, key["key"], max_tokens=5) == 200  # the shared counter exists
+        redis.Redis(port=port).execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        paused = [_ask(relay, key["key"], max_tokens=5) for _ in range(8)]  # 7 tokens each, per process
+        time.sleep(3.5)  # Redis is back; the usage reached the database
+        after = []
+        while len(after) < 40 and (not after or after[-1] == 200):
+            after.append(_ask(relay, key["key"], max_tokens=5))
+        assert paused == [200] * 8 and after[-1] == 429
+        time.sleep(1.5)
+        used = relay.ok("GET", f"/admin/tenants/{key['tenant_id']}")["used_tokens"]
+        assert used <= 200, used  # without the floor, the blip's 56 tokens would have been spent twice over
+
+
+def test_a_burst_larger_than_the_redis_pool_keeps_limits_on(tmp_path, upstream):
+    """300 requests at once: more than a default pool's connections. They wait for a connection instead of
+    taking the relay for 'Redis down' (which serves them all unlimited)."""
+    with own_redis() as (_, port), run_relay(f"sqlite:///{tmp_path / 'p.db'}", tmp_path,
+                                             env={"RELAY_REDIS_URL": f"redis://127.0.0.1:{port}/0"}) as relay:
+        add_fake_channel(relay, upstream[1], "fake", ["slow"], model_mapping={"slow": "slow-1500"})
+        key = relay.new_key(rpm=60)["key"]  # one a second, a burst of one
+        with ThreadPoolExecutor(300) as pool:
+            statuses = list(pool.map(lambda _: _ask(relay, key, model="slow"), range(300)))
+        assert set(statuses) <= {200, 429} and statuses.count(200) <= 5, statuses.count(200)

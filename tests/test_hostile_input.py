@@ -5,22 +5,30 @@ keeps serving everybody else."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import redis
 
 from tests.conftest import add_fake_channel, run_relay
 
 MB = 1024 * 1024
 
 
+REDIS_URL = "redis://127.0.0.1:6379/3"
+
+
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory, upstream):
+    redis.Redis.from_url(REDIS_URL).flushdb()
     tmp = tmp_path_factory.mktemp("hostile")
-    with run_relay(f"sqlite:///{tmp / 'hostile.db'}", tmp, env={"RELAY_MAX_BODY_MB": "1"}) as relay:
+    with run_relay(f"sqlite:///{tmp / 'hostile.db'}", tmp,
+                   env={"RELAY_MAX_BODY_MB": "1", "RELAY_REDIS_URL": REDIS_URL}) as relay:
         add_fake_channel(relay, upstream[1], "fake", ["gpt-x", "redos"], model_mapping={"redos": "json-redos"})
         relay.ok("POST", "/admin/policies", {"model_pattern": "redos", "preset": "qwen2.5"})  # has json_retry
         yield relay
@@ -29,7 +37,7 @@ def relay(tmp_path_factory, upstream):
 def _chat(relay, key: str, body: dict | None = None, raw: bytes | None = None, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     content = raw if raw is not None else json.dumps(body).encode()
-    return httpx.post(relay.url + "/v1/chat/completions", content=content, headers=headers, timeout=30, **kw)
+    return httpx.post(relay.url + "/v1/chat/completions", content=content, headers=headers, **{"timeout": 30, **kw})
 
 
 def _error(response: httpx.Response, status: int) -> dict:
@@ -114,13 +122,102 @@ def test_a_broken_pattern_is_400(relay, pattern):
     assert error["param"] == "response_format.json_schema.schema.properties.a.pattern"
 
 
-@pytest.mark.parametrize("field", ["tools", "max_completion_tokens", "reasoning_effort", "messages"])
-def test_chat_fields_on_completions_are_400_and_never_count_against_the_channel(relay, upstream, calls, field):
+def _schema_request(schema: dict, model: str = "gpt-x") -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "json please"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+
+
+def test_many_patterns_are_refused_without_stalling_anyone(relay):
+    props = {f"k{i}[^a]{{1000}}": {} for i in range(5000)}  # compiling them all would take seconds
+    started = time.monotonic()
+    error = _error(_chat(relay, relay.new_key()["key"],
+                         _schema_request({"type": "object", "patternProperties": props})), 400)
+    assert "more than 100 patterns" in error["message"] and time.monotonic() - started < 5
+    long = {"type": "string", "pattern": "a" * 2000}
+    assert "longer than" in _error(_chat(relay, relay.new_key()["key"], _schema_request(long)), 400)["message"]
+    # A `pattern` key inside a value (a default) is data, not a regular expression.
+    data = {"type": "object", "properties": {"f": {"type": "object", "default": {"pattern": "*.txt"}}}}
+    assert _chat(relay, relay.new_key()["key"], _schema_request(data)).status_code == 200
+
+
+def _cpu_seconds(pid: int) -> float:
+    from pathlib import Path
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_exponential_schema_check_is_stopped_not_abandoned(relay):
+    """anyOf of anyOf of … through $refs: 2^40 steps. Each check is stopped at its budget (the answer is
+    returned as it is), and the process goes back to idle instead of burning a core per request for hours."""
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 2} for i in range(40)}
+    defs["d40"] = {"type": "string"}
+    body = _schema_request({"$defs": defs, "$ref": "#/$defs/d0"}, model="redos")
+    key = relay.new_key()["key"]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: _chat(relay, key, body), range(4)))
+        assert _chat(relay, key, {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]},
+                     timeout=10).status_code == 200  # others are served meanwhile
+    assert [a.status_code for a in answers] == [200] * 4
+    time.sleep(1)
+    before = _cpu_seconds(relay.process.pid)
+    time.sleep(2)
+    assert _cpu_seconds(relay.process.pid) - before < 0.5  # no check thread left running
+
+
+def test_an_unknown_field_in_any_script_is_dropped_and_named_safely(relay):
+    body = {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}], "通道": 1, "a\r\nX-Evil: y": 2,
+            **{f"f{i}": i for i in range(500)}}
+    response = _chat(relay, relay.new_key()["key"], body)
+    assert response.status_code == 200, response.text
+    header = response.headers["x-relay-rewrites"]
+    assert "%E9%80%9A%E9%81%93:1->unset" in header and "X-Evil" not in response.headers
+    assert len(header) < 2100 and header.endswith("more")
+
+
+def test_huge_numbers_in_a_cacheable_request(relay):
+    body = {"model": "gpt-x", "temperature": 0, "messages": [{"role": "user", "content": "hi"}],
+            "metadata": {"n": 1e30}, "seed": 2**62}
+    key = relay.new_key()["key"]
+    assert _chat(relay, key, body).headers["x-relay-cache"] == "miss"
+    assert _chat(relay, key, body).headers["x-relay-cache"] == "hit"
+
+
+def test_a_body_of_millions_of_tiny_arrays_is_refused_before_it_is_built(relay):
+    raw = b'{"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}], "x": [' + b"[]," * 300_000 + b"[]]}"
+    error = _error(_chat(relay, relay.new_key()["key"], raw=raw), 400)
+    assert "100,000 JSON objects and arrays" in error["message"]
+
+
+def test_token_counting_never_fetches_a_clients_image(relay):
+    """Counting a quota tenant's prompt must not download its image URL (a network call on the event loop)."""
+    hits: list[str] = []
+
+    async def image_server(scope, receive, send):
+        if scope["type"] == "http":
+            hits.append(scope["path"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    from tests.fake_upstream import ServerThread
+
+    with ServerThread(image_server) as images:
+        key = relay.new_key(tenant={"token_quota": 1_000_000})["key"]
+        content = [{"type": "text", "text": "what is this"},
+                   {"type": "image_url", "image_url": {"url": images.url + "/cat.png", "detail": "high"}}]
+        assert _chat(relay, key, {"model": "gpt-x", "messages": [{"role": "user", "content": content}]}).status_code \
+            == 200
+    assert hits == []
+
+
+@pytest.mark.parametrize("field", ["tools", "max_completion_tokens", "reasoning_effort", "messages", "verbosity"])
+def test_chat_fields_on_completions_are_400_before_any_channel_is_involved(relay, upstream, calls, field):
     model = f"cmpl-{uuid.uuid4().hex[:6]}"
     add_fake_channel(relay, upstream[1], model, [model])
     key = relay.new_key()["key"]
     values = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-              "max_completion_tokens": 5, "reasoning_effort": "low", "messages": [{"role": "user", "content": "x"}]}
+              "max_completion_tokens": 5, "reasoning_effort": "low", "messages": [{"role": "user", "content": "x"}],
+              "verbosity": "low"}
     for _ in range(4):  # more than RELAY_CIRCUIT_FAILURES
         response = httpx.post(relay.url + "/v1/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
                               json={"model": model, "prompt": "hi", field: values[field]})

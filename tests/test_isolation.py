@@ -65,7 +65,8 @@ def test_a_recreated_database_never_reads_the_old_redis(tmp_path, upstream):
 
 
 def test_premium_and_storage_fields_do_not_reach_the_upstream(relay, upstream, calls):
-    key = relay.new_key()["key"]
+    key_row = relay.new_key()
+    key = key_row["key"]
     extras = {"store": True, "service_tier": "priority", "user": "alice@example.com", "safety_identifier": "u-1",
               "prompt_cache_key": "k", "top_k": 5}
     response = _ask(relay, key, {**GREEDY, "temperature": 0.5, **extras})
@@ -74,7 +75,8 @@ def test_premium_and_storage_fields_do_not_reach_the_upstream(relay, upstream, c
     assert not {"store", "service_tier", "user", "safety_identifier", "prompt_cache_key"} & set(sent)
     assert sent["top_k"] == 5  # a sampling extra: passes by default
     rewrites = response.headers["x-relay-rewrites"]
-    assert "store:true->unset" in rewrites and 'service_tier:"priority"->unset' in rewrites
+    assert "store:true->unset" in rewrites and 'service_tier:"<string>"->unset' in rewrites
+    assert "alice" not in rewrites and "alice" not in str(relay.logs(key_row["tenant_id"]))  # never kept
     # The operator decides per channel what else passes.
     model = f"tiered-{uuid.uuid4().hex[:6]}"
     add_fake_channel(relay, upstream[1], model, [model], passthrough=["service_tier"])
@@ -157,3 +159,58 @@ def test_the_migration_encrypts_existing_plaintext_secrets(tmp_path, monkeypatch
     box = box_from_env(url)
     assert api_key.startswith(PREFIX) and box.decrypt(api_key) == "plain-key"
     assert "s3" not in options and box.open_options(json.loads(options)) == {"aws_secret_access_key": "s3"}
+
+
+def test_a_channels_passthrough_never_removes_what_the_policy_set(relay, upstream, calls):
+    """qwen1.5 makes temperature 0 greedy as top_k 1: a channel that lets `user` through must still get top_k."""
+    model = f"q15-{uuid.uuid4().hex[:6]}"
+    add_fake_channel(relay, upstream[1], model, [model], passthrough=["user"])
+    relay.ok("POST", "/admin/policies", {"model_pattern": model, "preset": "qwen1.5"})
+    response = _ask(relay, relay.new_key()["key"], {**GREEDY, "model": model})
+    assert response.status_code == 200
+    assert calls[-1]["body"]["top_k"] == 1 and calls[-1]["body"]["temperature"] >= 0.5
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/admin/keys", {"expires_at": "9999-12-31T23:59:59-14:00"}),
+    ("/admin/keys", {"expires_at": "0001-01-01T00:00:00+14:00"}),
+    ("/admin/keys", {"models": []}),
+    ("/admin/keys", {"ip_allow": []}),
+    ("/admin/tenants", {"rpm": 0}),
+])
+def test_admin_values_out_of_range_are_400(relay, path, body):
+    tenant = relay.ok("POST", "/admin/tenants", {"name": f"r-{uuid.uuid4().hex[:8]}"})
+    payload = {"tenant_id": tenant["id"], **body} if path == "/admin/keys" else {"name": "x" + uuid.uuid4().hex, **body}
+    response = relay.admin("POST", path, payload)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == next(iter(body))
+
+
+@pytest.mark.parametrize("query", ["/admin/usage?since=0001-01-01T00:00:00%2B14:00",
+                                   "/admin/usage?until=9999-12-31T23:59:59-14:00",
+                                   "/admin/usage?model=%00", "/admin/audit?entity=%00",
+                                   "/admin/cache?model=%00"])
+def test_admin_filters_out_of_range_are_400(relay, query):
+    method = "DELETE" if query.startswith("/admin/cache") else "GET"
+    response = relay.admin(method, query)
+    assert response.status_code == 400, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_database_encrypted_with_another_key_is_refused(tmp_path, monkeypatch):
+    """Migrated (and encrypted) with key A; a first start with key B must be refused, not pin B."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    db.upgrade(url, "0002")
+    with sqlite3.connect(tmp_path / "a.db") as conn:
+        conn.execute("INSERT INTO channels (name, type, api_key, models, model_mapping, priority, weight, status, "
+                     "timeout_s, retries, options, capabilities, created_at, updated_at) VALUES ('c', 'openai', "
+                     "'plain-key', '[\"m\"]', '{}', 0, 1, 'enabled', 60, 0, '{}', '{}', '2026-01-01', '2026-01-01')")
+    monkeypatch.setenv("RELAY_SECRET_KEY", SECRET_KEY)
+    db.upgrade(url)
+    from relay.secrets import new_key
+
+    refused = _serve_once(url, {"RELAY_SECRET_KEY": new_key()})
+    assert refused.returncode == 2 and "not the key this database" in refused.stderr
+    # Rotation: a new key first, the old one after it; the channel (encrypted with the old one) still loads.
+    with run_relay(url, tmp_path, env={"RELAY_SECRET_KEY": f"{new_key()},{SECRET_KEY}"}) as relay:
+        assert [m["id"] for m in relay.client(relay.new_key()["key"]).models.list().model_dump()["data"]] == ["m"]

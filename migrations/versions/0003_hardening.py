@@ -65,24 +65,21 @@ def upgrade() -> None:
 
 def _encrypt_existing_secrets(bind) -> None:
     """Channel api_keys and secret-named option values written in plaintext by earlier versions."""
-    from relay.secrets import PREFIX, SECRET_WORDS, box_from_env
+    from relay.secrets import CHECK_PLAINTEXT, box_from_env
 
     channels = sa.table('channels', sa.column('id'), sa.column('api_key'), sa.column('options', sa.JSON()))
     rows = bind.execute(sa.select(channels.c.id, channels.c.api_key, channels.c.options)).all()
-
-    def has_plain_secret(value) -> bool:
-        if isinstance(value, dict):
-            return any((isinstance(v, str) and SECRET_WORDS.search(str(k)) and not v.startswith(PREFIX))
-                       or has_plain_secret(v) for k, v in value.items())
-        return isinstance(value, list) and any(has_plain_secret(v) for v in value)
-
-    todo = [r for r in rows if (r.api_key and not r.api_key.startswith(PREFIX)) or has_plain_secret(r.options)]
-    if not todo:
-        return  # nothing to encrypt: the key is only needed once the relay starts
+    if not any(r.api_key or r.options for r in rows):
+        return  # nothing to encrypt: the key is needed (and remembered) once the relay starts
     box = box_from_env(bind.engine.url.render_as_string(hide_password=False))
-    for r in todo:
-        bind.execute(channels.update().where(channels.c.id == r.id)
-                     .values(api_key=box.seal(r.api_key), options=box.seal_options(r.options)))
+    for r in rows:
+        sealed = (box.seal(r.api_key), box.seal_options(r.options))
+        if sealed != (r.api_key, r.options):
+            bind.execute(channels.update().where(channels.c.id == r.id)
+                         .values(api_key=sealed[0], options=sealed[1]))
+    # The key that encrypted them is this database's from now on: a start with another one is refused.
+    state = sa.table('relay_state', sa.column('id'), sa.column('secret_check'))
+    bind.execute(state.update().where(state.c.id == 1).values(secret_check=box.encrypt(CHECK_PLAINTEXT)))
 
 
 def downgrade() -> None:
