@@ -4,8 +4,9 @@ atomically by one Lua script: a steady rate with a burst of RELAY_RATE_BURST_S s
 
 Requests are charged when admitted. Tokens are reserved when admitted (the request's estimate: prompt +
 max_tokens, see relay.tokens) and settled when the answer's usage is known (the difference is charged or
-given back), so concurrent requests cannot all slip in under a tpm limit. Redis down: limits are not enforced
-(the request is served)."""
+given back), so concurrent requests cannot all slip in under a tpm limit. Without Redis (off, or away) each
+process runs the same buckets in memory: the limits then hold per process, so N processes admit up to N times
+the rate."""
 
 from __future__ import annotations
 
@@ -55,11 +56,38 @@ class _Bucket:
     scope: str  # "API key" | "tenant"
 
 
+class _LocalBuckets:
+    """The Lua script's algorithm, for one process, when Redis is not there to share it."""
+
+    def __init__(self) -> None:
+        self.tats: dict[str, float] = {}
+
+    def run(self, keys: list[str], args: list[float]) -> float:
+        now = args[0]
+        if len(self.tats) > 100_000:  # forget buckets that are full again
+            self.tats = {k: t for k, t in self.tats.items() if t > now}
+        tats = [max(self.tats.get(key, now), now) for key in keys]
+        wait = max((tat - now - args[2 + 3 * i] for i, tat in enumerate(tats)), default=0.0)
+        if wait > 0:
+            return math.ceil(wait)
+        for i, key in enumerate(keys):
+            self.tats[key] = max(tats[i] + args[1 + 3 * i] * args[3 + 3 * i], now)
+        return 0
+
+
 class RateLimiter:
     def __init__(self, state: RedisState, burst_s: float = 1.0) -> None:
         self.state = state
         self.burst_s = burst_s
         self._script = state.client.register_script(_ADMIT) if state.client is not None else None
+        self._local = _LocalBuckets()
+
+    async def _run(self, keys: list[str], args: list[float]) -> float:
+        if self._script is not None:
+            result = await self.state.call(lambda: self._script(keys=keys, args=args))
+            if result is not None:
+                return float(result)
+        return self._local.run(keys, args)
 
     def _buckets(self, principal: Principal, what: str) -> list[_Bucket]:
         key, tenant = principal.key, principal.tenant
@@ -75,19 +103,19 @@ class RateLimiter:
             args += [interval, (burst - 1) * interval, cost]
         return args
 
-    def applies_to_tokens(self, principal: Principal) -> bool:
-        return self._script is not None and bool(principal.key.tpm or principal.tenant.tpm)
+    @staticmethod
+    def applies_to_tokens(principal: Principal) -> bool:
+        return bool(principal.key.tpm or principal.tenant.tpm)
 
     async def admit(self, principal: Principal, tokens: int = 0) -> None:
         """Charge one request and reserve `tokens`; 429 with Retry-After when a request or token rate is
         already exceeded."""
         requests, token_buckets = self._buckets(principal, "requests"), self._buckets(principal, "tokens")
         buckets = requests + token_buckets
-        if not buckets or self._script is None:
+        if not buckets:
             return
         costs = [1.0] * len(requests) + [float(tokens)] * len(token_buckets)
-        wait_ms = await self.state.call(lambda: self._script(keys=[b.key for b in buckets],
-                                                             args=self._args(buckets, costs)))
+        wait_ms = await self._run([b.key for b in buckets], self._args(buckets, costs))
         if not wait_ms:
             return
         retry_s = max(1, math.ceil(float(wait_ms) / 1000))
@@ -98,10 +126,10 @@ class RateLimiter:
     async def settle_tokens(self, principal: Principal, delta: int) -> None:
         """Charge (or give back, when negative) the difference between spent and reserved tokens."""
         buckets = self._buckets(principal, "tokens")
-        if not buckets or not delta or self._script is None:
+        if not buckets or not delta:
             return
         # Settling never refuses: tolerance is set huge for this call.
         args = self._args(buckets, [float(delta)] * len(buckets))
         for i in range(len(buckets)):
             args[2 + i * 3] = 1e18
-        await self.state.call(lambda: self._script(keys=[b.key for b in buckets], args=args))
+        await self._run([b.key for b in buckets], args)
