@@ -150,15 +150,16 @@ def test_the_migration_encrypts_existing_plaintext_secrets(tmp_path, monkeypatch
     with sqlite3.connect(tmp_path / "old.db") as conn:
         conn.execute("INSERT INTO channels (name, type, api_key, models, model_mapping, priority, weight, status, "
                      "timeout_s, retries, options, capabilities, created_at, updated_at) VALUES ('c', 'openai', "
-                     "'plain-key', '[\"m\"]', '{}', 0, 1, 'enabled', 60, 0, '{\"aws_secret_access_key\": \"s3\"}', "
-                     "'{}', '2026-01-01', '2026-01-01')")
+                     "'plain-key', '[\"m\"]', '{}', 0, 1, 'enabled', 60, 0, ?, '{}', '2026-01-01', '2026-01-01')",
+                     (json.dumps({"aws_secret_access_key": "S3SECRET"}),))
     monkeypatch.setenv("RELAY_SECRET_KEY", SECRET_KEY)
     db.upgrade(url)
     with sqlite3.connect(tmp_path / "old.db") as conn:
         api_key, options = conn.execute("SELECT api_key, options FROM channels").fetchone()
     box = box_from_env(url)
     assert api_key.startswith(PREFIX) and box.decrypt(api_key) == "plain-key"
-    assert "s3" not in options and box.open_options(json.loads(options)) == {"aws_secret_access_key": "s3"}
+    assert "S3SECRET" not in options
+    assert box.open_options(json.loads(options)) == {"aws_secret_access_key": "S3SECRET"}
 
 
 def test_a_channels_passthrough_never_removes_what_the_policy_set(relay, upstream, calls):
