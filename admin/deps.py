@@ -13,7 +13,7 @@ from sqlmodel import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.auth import bearer_token
-from relay.errors import RelayError
+from relay.errors import APIError
 from relay.secrets import SecretBox
 
 # Row ids in paths and filters: out-of-range integers are a 400/404, never a database overflow.
@@ -25,11 +25,11 @@ log = logging.getLogger("relay.admin")
 
 def admin_actor(expected: str | None, authorization: str | None) -> str:
     if not expected:
-        raise RelayError(401, "The admin API is disabled: start the relay with RELAY_ADMIN_TOKEN set.",
+        raise APIError(401, "The admin API is disabled: start the relay with RELAY_ADMIN_TOKEN set.",
                          "invalid_request_error", None, "admin_disabled")
     token = bearer_token(authorization)
     if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise RelayError(401, "Incorrect admin token.", "invalid_request_error", None, "invalid_admin_token")
+        raise APIError(401, "Incorrect admin token.", "invalid_request_error", None, "invalid_admin_token")
     return "admin"
 
 
@@ -52,7 +52,7 @@ class AdminGuard:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             try:
                 admin_actor(self.admin_token, authorization)
-            except RelayError as exc:
+            except APIError as exc:
                 await exc.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -19,7 +19,7 @@ from relay.policy_rules import PRESETS, Rules
 
 router = APIRouter(prefix="/admin/policies", tags=["policies"])
 
-PresetName = Literal["qwen1.5", "qwen2.5", "safe-default"]
+PresetName = Literal[tuple(PRESETS)]  # named once, in relay.policy_rules
 
 
 class PolicyCreate(BaseModel):

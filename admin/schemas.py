@@ -147,6 +147,13 @@ class KeyCreated(KeyOut):
 
 # --- channels ------------------------------------------------------------------------------------
 
+class CapabilityOverrides(_In):
+    """What the operator declares about a channel's upstream, over its type's defaults (GET shows the result)."""
+
+    seeded_determinism: bool | None = None
+    stream_usage: bool | None = None
+
+
 class _ChannelFields(_In):
     base_url: Annotated[str, Field(max_length=1000)] | None = None
     api_key: str | None = None
@@ -237,4 +244,7 @@ class ChannelOut(_Out):
         data = {k: getattr(row, k) for k in cls.model_fields if k != "has_api_key"}
         data["options"] = redact_options(row.options or {})
         data["base_url"] = redact_url(row.base_url)
+        kind = channel_types().get(row.type)
+        data["capabilities"] = (kind.effective_capabilities(row.capabilities or {}).model_dump() if kind
+                                else dict(row.capabilities or {}))
         return cls(**data, has_api_key=bool(row.api_key))

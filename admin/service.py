@@ -17,7 +17,7 @@ from admin.crud import get_or_404, snapshot_row
 from admin.schemas import ChannelCreate, ChannelUpdate, KeyCreate, KeyUpdate, TenantCreate, TenantUpdate
 from relay import config_state
 from relay.auth import hash_secret, new_secret, shown_prefix
-from relay.errors import RelayError, not_found
+from relay.errors import APIError, not_found
 from relay.models import ApiKey, AuditEvent, Channel, ModelPolicy, Tenant, utcnow
 from relay.secrets import SecretBox
 
@@ -39,7 +39,7 @@ def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[st
         s.commit()
     except IntegrityError as exc:
         s.rollback()
-        raise RelayError(409, f"This {entity} conflicts with an existing one (names must be unique).",
+        raise APIError(409, f"This {entity} conflicts with an existing one (names must be unique).",
                          "invalid_request_error", "name", "conflict") from exc
     if action != "delete":
         s.refresh(row)
@@ -117,7 +117,10 @@ def revoke_key(s: Session, key_id: int, actor: str) -> ApiKey:
 # --- channels ------------------------------------------------------------------------------------
 
 def _sealed(fields: dict[str, Any], box: SecretBox) -> dict[str, Any]:
-    """Secrets are encrypted before they reach a row (and so the database and the audit log)."""
+    """Secrets are encrypted before they reach a row (and so the database and the audit log); capability
+    overrides keep only what the operator set."""
+    if isinstance(fields.get("capabilities"), dict):
+        fields["capabilities"] = {k: v for k, v in fields["capabilities"].items() if v is not None}
     if fields.get("api_key") is not None:
         fields["api_key"] = box.seal(fields["api_key"])
     if fields.get("options") is not None:

@@ -1,4 +1,4 @@
-"""Request parsing for the worker: OpenAI bodies (validated by relay.openai_schema) plus the sampling
+"""Request parsing for the worker: OpenAI bodies (validated by backends.wire.requests) plus the sampling
 fields vLLM and transformers users send, resolved against the model's generation_config defaults."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field
 
 from backends.loading import LoadedModel
 from backends.sampler import SamplingParams
-from relay.errors import bad_request
-from relay.openai_schema import ChatRequest, CompletionRequest
+from backends.wire.errors import bad_request
+from backends.wire.requests import ChatRequest, CompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
 

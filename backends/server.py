@@ -1,11 +1,10 @@
-"""The worker's OpenAI-compatible HTTP server around one Engine."""
+"""The worker's OpenAI-compatible HTTP server around one Engine (the protocol itself is backends.wire)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,8 +15,10 @@ from starlette.responses import Response, StreamingResponse
 from backends.engine import DoneEvent, Engine, GenRequest, TokenEvent
 from backends.loading import LoadedModel
 from backends.protocol import Plan, WorkerChatRequest, WorkerCompletionRequest, chat_plan, completion_plan
-from relay.errors import RelayError, install_handlers, not_found
-from relay.openai_schema import parse_body
+from backends.wire import responses as wire
+from backends.wire.body_limit import BodyLimit
+from backends.wire.errors import APIError, install_handlers, not_found
+from backends.wire.requests import parse_body
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -76,7 +77,7 @@ class Worker:
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     req.cancelled = True
-                    raise RelayError(499, "The client closed the request.", "invalid_request_error")
+                    raise APIError(499, "The client closed the request.", "invalid_request_error")
             if event is None:
                 continue
             if isinstance(event, DoneEvent):
@@ -85,7 +86,7 @@ class Worker:
             tokens.extend(event.tokens)
 
 
-def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
+def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_body_mb: float = 16) -> FastAPI:
     engine = Engine(lm, max_batch=max_batch)
     worker = Worker(lm, engine)
 
@@ -99,7 +100,9 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
     app = FastAPI(title="policy-relay worker", lifespan=lifespan)
     app.state.ready = False
     app.state.worker = worker
-    install_handlers(app)
+    max_body = int(max_body_mb * 1024 * 1024)
+    app.add_middleware(BodyLimit, max_bytes=max_body, setting="--max-body-mb")
+    install_handlers(app, max_body, "--max-body-mb")
 
     def check_model(body: dict[str, Any]) -> None:
         if body["model"] not in (lm.name, "default"):
@@ -132,8 +135,7 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
         check_model(body)
         plan: Plan = make_plan(body, lm)
         reqs = worker.requests(plan)
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": body["model"]}
+        head = wire.head(chat, body["model"])
         prompt_tokens = sum(len(p) for p in plan.prompts)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -141,12 +143,12 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
                                      media_type="text/event-stream")
         try:
             results = await asyncio.gather(*(worker.collect(r, request) for r in reqs))
-        except (asyncio.CancelledError, RelayError):
+        except (asyncio.CancelledError, APIError):
             for r in reqs:
                 r.cancelled = True
             raise
         if any(done.finish_reason == "error" for _, _, done in results):
-            raise RelayError(500, "The worker failed while generating; retry.", "server_error")
+            raise APIError(500, "The worker failed while generating; retry.", "server_error")
         choices = []
         with_lp = plan.top_logprobs is not None
         for index, (text, tokens, done) in enumerate(results):
@@ -159,13 +161,10 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
                 choice = {"index": index, "text": text, "finish_reason": done.finish_reason, "logprobs": lp}
             choices.append(choice)
         completion_tokens = sum(done.completion_tokens for _, _, done in results)
-        return _json({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                      "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                "total_tokens": prompt_tokens + completion_tokens}})
+        return _json(wire.response(head, chat, choices, wire.usage(prompt_tokens, completion_tokens)))
 
     async def stream(reqs: list[GenRequest], head: dict[str, Any], chat: bool, prompt_tokens: int,
                      include_usage: bool, as_ids: bool) -> AsyncIterator[bytes]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, req: GenRequest) -> None:
@@ -190,7 +189,7 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
                 if tokens and reqs[index].top_logprobs is not None:
                     choice["logprobs"] = _completion_logprobs(tokens, offsets[index], as_ids)
                     offsets[index] += sum(len(t["text"]) for t in tokens)
-            return b"data: " + orjson.dumps({**head, "object": obj, "choices": [choice]}) + b"\n\n"
+            return wire.sse(wire.chunk(head, chat, [choice]))
 
         offsets = [0] * len(reqs)  # text_offset of each completion choice's next token
         pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
@@ -208,16 +207,13 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32) -> FastAPI:
                 open_choices -= 1
                 completion_tokens += event.completion_tokens
                 if event.finish_reason == "error":
-                    error = {"error": {"message": "The worker failed while generating; retry.",
-                                       "type": "server_error", "param": None, "code": None}}
-                    yield b"data: " + orjson.dumps(error) + b"\n\n"
+                    yield wire.sse(APIError(500, "The worker failed while generating; retry.", "server_error").body())
+                    yield wire.SSE_DONE
                     return
                 yield chunk(index, None, [], event.finish_reason)
             if include_usage:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}
-                yield b"data: " + orjson.dumps({**head, "object": obj, "choices": [], "usage": usage}) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+                yield wire.sse(wire.chunk(head, chat, [], wire.usage(prompt_tokens, completion_tokens)))
+            yield wire.SSE_DONE
         finally:
             for r in reqs:  # the client went away (or we are done): stop decoding for it
                 r.cancelled = True

@@ -25,7 +25,8 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.relay_bench import MODEL, Servers, free_port, pct, setup_relay, wait_ready  # noqa: E402
+from bench.common import Servers, free_port, pct, wait_ready  # noqa: E402
+from bench.relay_bench import MODEL, setup_relay  # noqa: E402
 
 _counter = itertools.count()
 
@@ -89,7 +90,7 @@ async def main(args: argparse.Namespace) -> None:
             env = {"RELAY_DATABASE_URL": f"sqlite:///{servers.tmp / 'bench.db'}", "RELAY_REDIS_URL": redis_url,
                    "RELAY_ADMIN_TOKEN": token, "RELAY_PORT": str(port)}
             base = f"http://127.0.0.1:{port}"
-            proc = servers.start("relay", [sys.executable, "-m", "relay.cli", "serve", "--log-level", "warning"], env)
+            proc = servers.start("relay", [sys.executable, "-m", "admin.cli", "serve", "--log-level", "warning"], env)
             await wait_ready(s, base + "/health", proc, 90)
             key = await setup_relay(s, base, token, upstream)
         url = base + "/v1/chat/completions"

@@ -27,29 +27,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import secrets
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (  # noqa: E402
+    Servers,
+    checkpoint,
+    free_port,
+    install_signal_handlers,
+    pct,
+    run,
+    wait_ready,
+)
+
 MODEL = "bench-model"
-# Set by SIGINT/SIGTERM and checked before every request: raising from the signal handler itself could land
-# inside a uvloop or aiohttp callback that turns it into a mere connection error.
-STOP = threading.Event()
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}).encode()
 
 
@@ -70,77 +71,6 @@ class Result:
     outside_ms: list[float] = field(default_factory=list)
     errors: int = 0
     skipped: str | None = None
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] if ordered else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Servers:
-    """Subprocesses, each in its own session so a server's workers stop with it."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        full_env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1", **(env or {})}
-        with open(self.tmp / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def log_tail(self, name: str, lines: int = 8) -> str:
-        text = (self.tmp / f"{name}.log").read_text(errors="replace").strip().splitlines()
-        return "\n".join("    " + line for line in text[-lines:])
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group this process leads (start_new_session)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-
-def checkpoint() -> None:
-    if STOP.is_set():
-        raise KeyboardInterrupt
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        checkpoint()
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with status {proc.returncode}")
-        try:
-            async with session.get(url) as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"not ready after {timeout_s:.0f}s")
 
 
 async def one(session: aiohttp.ClientSession, target: Target, res: Result, timed: bool) -> bool:
@@ -258,7 +188,7 @@ async def bench_relay(args: argparse.Namespace, servers: Servers, s: aiohttp.Cli
     env = {"RELAY_DATABASE_URL": f"sqlite:///{servers.tmp / 'bench.db'}", "RELAY_REDIS_URL": "none",
            "RELAY_ADMIN_TOKEN": token, "RELAY_PORT": str(port)}
     base = f"http://127.0.0.1:{port}"
-    proc = servers.start("relay", [sys.executable, "-m", "relay.cli", "serve", "--workers", "1",
+    proc = servers.start("relay", [sys.executable, "-m", "admin.cli", "serve", "--workers", "1",
                                    "--log-level", "warning"], env)
     try:
         await wait_ready(s, base + "/health", proc, 60)
@@ -342,20 +272,6 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
     print("  p50 latency added over upstream direct: " + ", ".join(added))
 
 
-def _on_signal(signum: int, _frame: object) -> None:
-    if STOP.is_set():
-        raise KeyboardInterrupt  # a second Ctrl-C: stop now
-    STOP.set()
-
-
-def run(coro: Coroutine[None, None, dict[str, Result]]) -> dict[str, Result]:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run (default 10)")
@@ -367,8 +283,7 @@ def main() -> int:
     parser.add_argument("--litellm-proxy-cmd", help='command that runs the proxy, e.g. "/venv/bin/litellm"')
     args = parser.parse_args()
 
-    signal.signal(signal.SIGTERM, _on_signal)  # either way the finally below stops the servers
-    signal.signal(signal.SIGINT, _on_signal)
+    install_signal_handlers()
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         servers = Servers(Path(tmp))
         try:

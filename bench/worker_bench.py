@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
-import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +24,10 @@ from pathlib import Path
 import httpx
 import orjson
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import ROOT, free_port, pct  # noqa: E402
+from tests.net import stop, wait_healthy  # noqa: E402
 
 TOPICS = ("a lighthouse keeper", "a dragon who hates gold", "a robot learning to paint", "a lost city under the sea",
           "a time-travelling baker", "a haunted violin", "two rival astronomers", "a cat who runs a hotel",
@@ -61,10 +62,6 @@ class CpuWatch:
 
 def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}]
-
-
-def pct(s: list[float], p: float) -> float:  # nearest rank on sorted values: with few samples p99 is the maximum
-    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
 def baseline(model_spec: str, k: int, max_tokens: int, cpu: CpuWatch) -> tuple[float, list[str]]:
@@ -147,34 +144,18 @@ async def measure(url: str, model: str, max_tokens: int, reference: list[str],
     return rows
 
 
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
-
-
 def start_worker(model: str, port: int, threads: int | None, timeout: float, log: str) -> subprocess.Popen:
-    exe = os.path.join(os.path.dirname(sys.executable), "policy-relay")
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([exe, "worker", "--model", model, "--port", str(port), "--log-level", "warning"],
-                                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + timeout  # generous: a first start converts the GGUF file (~20 s)
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        time.sleep(0.5)
-    stop_worker(proc)
-    raise RuntimeError(f"worker not ready (exit code {proc.returncode}):\n{Path(log).read_text()[-3000:]}")
-
-
-def stop_worker(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        proc = subprocess.Popen([sys.executable, "-m", "backends", "--model", model, "--port", str(port),
+                                 "--log-level", "warning"], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:  # generous: a first start converts the GGUF file (~20 s)
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout, log=lambda: Path(log).read_text()[-3000:])
+    except RuntimeError:
+        stop(proc)
+        raise
+    return proc
 
 
 def main() -> int:
@@ -211,7 +192,7 @@ def main() -> int:
         rows = asyncio.run(measure(url, served, args.max_tokens, reference, cpu))
     finally:
         if proc is not None:
-            stop_worker(proc)
+            stop(proc, timeout=20)
 
     print(f"\n{'streams':>7} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'TTFT p99':>9}")
     print(f"{'seq':>7} {base_tps:8.1f} {1.0:6.2f}x {'-':>9} {'-':>9}")

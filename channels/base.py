@@ -8,6 +8,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict
+
+
+class ChannelCapabilities(BaseModel):
+    """What a channel's upstream can be relied on for. A channel type declares its defaults; an operator may
+    override them per channel (`capabilities` in the admin API: unknown names are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    seeded_determinism: bool = False  # the same request with the same seed gives the same answer: cacheable
+    stream_usage: bool = True  # honours stream_options.include_usage, so streamed usage is exact
+
 
 @dataclass(frozen=True)
 class ChannelConfig:
@@ -23,9 +34,9 @@ class ChannelConfig:
     priority: int = 0
     weight: int = 1
     timeout_s: float = 60.0
-    retries: int = 0
+    retries: int = 0  # extra tries on the same channel after a transient failure, before failing over
     options: dict[str, Any] = field(default_factory=dict)
-    capabilities: dict[str, Any] = field(default_factory=dict)
+    capabilities: dict[str, Any] = field(default_factory=dict)  # the operator's overrides of the type's defaults
     passthrough: frozenset[str] | None = None  # non-core request fields allowed upstream; None: the default
 
     def upstream_model(self, model: str) -> str:
@@ -69,9 +80,17 @@ class Channel(ABC):
     Responses are plain dicts in OpenAI's shape; streams yield OpenAI chunk dicts."""
 
     type_name: ClassVar[str]
+    default_capabilities: ClassVar[ChannelCapabilities] = ChannelCapabilities()
 
     def __init__(self, config: ChannelConfig) -> None:
         self.config = config
+        self.capabilities = self.effective_capabilities(config.capabilities)
+
+    @classmethod
+    def effective_capabilities(cls, overrides: dict[str, Any]) -> ChannelCapabilities:
+        """The type's defaults with an operator's overrides (names the schema does not know are ignored)."""
+        known = {k: v for k, v in overrides.items() if k in ChannelCapabilities.model_fields}
+        return ChannelCapabilities.model_validate({**cls.default_capabilities.model_dump(), **known})
 
     @abstractmethod
     async def chat(self, request: dict[str, Any]) -> dict[str, Any]: ...
@@ -84,10 +103,3 @@ class Channel(ABC):
 
     @abstractmethod
     def completion_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
-
-    async def list_models(self) -> list[str]:
-        return list(self.config.models)
-
-    async def health(self) -> bool:
-        """A cheap liveness probe; the admin 'test' endpoint sends a real request instead."""
-        return True

@@ -3,8 +3,7 @@ Its seeded sampling is reproducible (a per-request torch.Generator), which the c
 
 from __future__ import annotations
 
-import httpx
-
+from channels.base import ChannelCapabilities
 from channels.openai_compat import OpenAIChannel, api_base
 
 DEFAULT_WORKER_URL = "http://127.0.0.1:8001"
@@ -12,7 +11,7 @@ DEFAULT_WORKER_URL = "http://127.0.0.1:8001"
 
 class LocalChannel(OpenAIChannel):
     type_name = "local"
-    seeded_determinism = True
+    default_capabilities = ChannelCapabilities(seeded_determinism=True)
 
     @property
     def base(self) -> str:
@@ -20,11 +19,3 @@ class LocalChannel(OpenAIChannel):
 
     def connection_kwargs(self) -> dict:
         return {**super().connection_kwargs(), "api_base": self.base}
-
-    async def health(self) -> bool:
-        root = self.base.removesuffix("/v1")
-        try:
-            async with httpx.AsyncClient(timeout=5) as client:
-                return (await client.get(root + "/health")).status_code == 200
-        except httpx.HTTPError:
-            return False

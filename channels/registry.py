@@ -20,13 +20,17 @@ _BUILTIN = {
 
 @cache
 def channel_types() -> dict[str, type[Channel]]:
+    """Every channel type by name. Two types claiming one name (a plugin shadowing a built-in, or two plugins)
+    is an error at start: silently picking one would route some operator's channels to the wrong code."""
+    targets = dict(_BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if targets.setdefault(ep.name, ep.value) != ep.value:
+            raise RuntimeError(f"two channel types are named {ep.name!r}: {targets[ep.name]} and {ep.value} "
+                               f"(entry-point group {ENTRY_POINT_GROUP}); rename one")
     found: dict[str, type[Channel]] = {}
-    for name, target in _BUILTIN.items():
+    for name, target in targets.items():
         module, _, attr = target.partition(":")
         found[name] = getattr(__import__(module, fromlist=[attr]), attr)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in found or ep.value != _BUILTIN.get(ep.name):
-            found[ep.name] = ep.load()
     return found
 
 

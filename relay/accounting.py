@@ -10,13 +10,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.auth import Principal
-from relay.errors import RelayError
+from relay.errors import APIError
 from relay.limits import RateLimiter
 from relay.quota import Hold, QuotaLedger
 from relay.tokens import output_budget, output_cap, prompt_tokens
-from relay.usage import UsageRecorder
+from relay.usage import UsageRecorder, clamp_tokens
 
 EMPTY_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def clean_usage(usage: Any) -> dict[str, Any]:
+    """The upstream's usage with every count a sane integer (ONE API bills from it)."""
+    if not isinstance(usage, dict):
+        return dict(EMPTY_USAGE)
+    out: dict[str, Any] = {k: clamp_tokens(usage.get(k, 0)) for k in EMPTY_USAGE}
+    for key, value in usage.items():
+        if key.endswith("_details") and isinstance(value, dict):
+            out[key] = {k: clamp_tokens(v) for k, v in value.items() if isinstance(v, int | float)}
+    return out
 
 
 @dataclass
@@ -74,7 +85,7 @@ class Accounting:
         admission.hold = await self.quota.reserve(principal, admission.estimate)
         try:
             await self.limits.admit(principal, admission.estimate if tpm else 0)
-        except RelayError:
+        except APIError:
             await self.quota.settle(admission.hold, 0)
             raise
         return admission

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
+from backends.wire.requests import ChatRequest, CompletionRequest, parse_body
+from backends.wire.responses import SSE_DONE, sse
 from relay.auth import authenticate, model_allowed
-from relay.errors import RelayError, not_found
-from relay.openai_schema import ChatRequest, CompletionRequest, check_response_schema, parse_body, response_schema
+from relay.errors import APIError, not_found
+from relay.json_check import check_response_schema, response_schema
 from relay.pipeline import Pipeline, RelayCall
 
 router = APIRouter()
@@ -61,16 +64,26 @@ async def _relay(request: Request, endpoint: str, schema) -> Response:
             body = await asyncio.to_thread(parse_body, raw, schema)
         if response_schema(body) is not None:
             await asyncio.to_thread(check_response_schema, body)
-    except RelayError as exc:
+    except APIError as exc:
         _pipeline(request).reject(RelayCall(endpoint, {"model": "(invalid request)"}, principal, started), exc)
         raise
     call = RelayCall(endpoint, body, principal, started, request.headers.get("x-relay-task"),
                      request.headers.get("cache-control"), len(raw))
     result = await _pipeline(request).run(call)
     if result.stream is not None:
-        return StreamingResponse(result.stream, media_type="text/event-stream",
+        return StreamingResponse(_framed(result.stream), media_type="text/event-stream",
                                  headers={**result.headers, "Cache-Control": "no-cache"})
     return Response(orjson.dumps(result.body), media_type="application/json", headers=result.headers)
+
+
+async def _framed(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Server-sent events, `data: [DONE]` last (after an error event too, as vLLM does)."""
+    try:
+        async for event in events:
+            yield sse(event)
+        yield SSE_DONE
+    finally:
+        await events.aclose()  # a client gone mid-stream: the pipeline logs, bills and releases now, not at GC
 
 
 @router.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatRequest), tags=["openai"])

@@ -1,31 +1,25 @@
-"""The application factory: wires settings, database, secrets, in-memory catalog, Redis state, accounting,
-pipeline and routers, and runs the background loops (config poll and nudges, log flush, cache statistics)."""
+"""The gateway's core application: wires settings, database, secrets, in-memory catalog, Redis state,
+accounting and pipeline behind the OpenAI endpoints, and runs the background loops (config poll and nudges,
+log flush, cache statistics). The admin side (its API, its guard, the service writes the pipeline may ask for)
+is added from outside by admin.app, so the core never imports it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlmodel import Session
 
-from admin import cache as admin_cache
-from admin import channels as admin_channels
-from admin import keys as admin_keys
-from admin import policies as admin_policies
-from admin import service
-from admin import tenants as admin_tenants
-from admin import usage as admin_usage
-from admin.deps import AdminGuard
+from backends.wire.body_limit import BodyLimit
 from channels.base import Channel
 from channels.litellm_base import warm_up
 from relay import __version__, config_state
 from relay.accounting import Accounting
 from relay.api import router as openai_router
-from relay.body_limit import BodyLimit
 from relay.cache import ResponseCache
 from relay.catalog import Catalog
 from relay.circuit import CircuitBreaker
@@ -53,7 +47,12 @@ async def _every(interval_s: float, job) -> None:
             log.warning("%s failed: %s", getattr(job, "__name__", job), exc)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+# Writes a channel's auto-disabling (with its audit event) in the caller's session; True when it was enabled.
+AutoDisable = Callable[[Session, int, str], bool]
+
+
+def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | None = None) -> FastAPI:
+    """Without `auto_disable`, a channel whose credentials keep being refused is only cooled down."""
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
@@ -80,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def disable_channel(channel: Channel, reason: str) -> None:
             def write() -> bool:
                 with Session(engine) as s:
-                    return service.auto_disable(s, channel.config.id, reason)
+                    return auto_disable(s, channel.config.id, reason) if auto_disable else False
 
             if await asyncio.to_thread(write):
                 log.error("channel %s auto-disabled: %s", channel.config.name, reason)
@@ -113,11 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.ready = False
-    # The last added runs first: strangers are refused at /admin before the body limit even looks at a body.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AdminGuard, admin_token=settings.admin_token)
-    install_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, setting="RELAY_MAX_BODY_MB")
+    install_handlers(app, settings.max_body_bytes)
     app.include_router(openai_router)
-    for module in (admin_tenants, admin_keys, admin_channels, admin_policies, admin_cache, admin_usage):
-        app.include_router(module.router)
     return app

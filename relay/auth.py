@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 
 from relay.catalog import KeyInfo, Snapshot, TenantInfo
-from relay.errors import RelayError, forbidden, invalid_key
+from relay.errors import APIError, forbidden, invalid_key
 from relay.models import utcnow
 from relay.usage import UsageRecorder
 
@@ -89,8 +89,8 @@ def check_model(principal: Principal, model: str) -> None:
 def check_quota(principal: Principal, usage: UsageRecorder) -> None:
     tenant, key = principal.tenant, principal.key
     if tenant.token_quota is not None and usage.tenant_used(tenant.id) >= tenant.token_quota:
-        raise RelayError(429, "Your tenant has used its whole token quota; ask the operator to raise it.",
+        raise APIError(429, "Your tenant has used its whole token quota; ask the operator to raise it.",
                          "insufficient_quota", None, "insufficient_quota")
     if key.token_quota is not None and usage.key_used(key.id) >= key.token_quota:
-        raise RelayError(429, "This API key has used its whole token quota; ask the operator to raise it.",
+        raise APIError(429, "This API key has used its whole token quota; ask the operator to raise it.",
                          "insufficient_quota", None, "insufficient_quota")

@@ -12,14 +12,15 @@ import hashlib
 import logging
 import secrets
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from backends.wire import responses as wire
 from channels.base import Channel
+from relay.errors import APIError
 from relay.policy import PolicyOutcome
 from relay.redis_state import RedisState
 
@@ -45,8 +46,7 @@ def deterministic(request: dict[str, Any], channels: list[Channel]) -> bool:
     if request.get("temperature") == 0 or request.get("top_k") == 1 or request.get("do_sample") is False:
         return True
     seeded = request.get("seed") is not None
-    return seeded and all(getattr(c, "seeded_determinism", False) or c.config.capabilities.get(
-        "seeded_determinism") for c in channels)
+    return seeded and all(c.capabilities.seeded_determinism for c in channels)
 
 
 def _canonical(value: Any) -> Any:
@@ -187,9 +187,7 @@ class ResponseCache:
             return removed
         result = await self._call(run)
         if result is None:
-            from relay.errors import RelayError
-
-            raise RelayError(503, "The cache (Redis) is unavailable; nothing was purged.", "server_error")
+            raise APIError(503, "The cache (Redis) is unavailable; nothing was purged.", "server_error")
         return result
 
 
@@ -231,9 +229,7 @@ class StreamAssembler:
 
 def replay_response(stored: dict[str, Any], model: str) -> dict[str, Any]:
     chat = stored["endpoint"] == "chat"
-    out = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": "chat.completion" if chat
-           else "text_completion", "created": int(time.time()), "model": model, "choices": stored["choices"],
-           "usage": stored["usage"]}
+    out = wire.response(wire.head(chat, model), chat, stored["choices"], stored["usage"])
     if stored.get("system_fingerprint"):
         out["system_fingerprint"] = stored["system_fingerprint"]
     return out
@@ -242,8 +238,7 @@ def replay_response(stored: dict[str, Any], model: str) -> dict[str, Any]:
 def replay_chunks(stored: dict[str, Any], model: str, include_usage: bool) -> list[dict[str, Any]]:
     """A cached answer as OpenAI stream chunks: role, the whole text, the finish reason, then usage."""
     chat = stored["endpoint"] == "chat"
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": model, "object": "chat.completion.chunk" if chat else "text_completion"}
+    head = wire.head(chat, model)
     chunks = []
     for choice in stored["choices"]:
         i, finish = choice.get("index", 0), choice.get("finish_reason")
@@ -252,12 +247,12 @@ def replay_chunks(stored: dict[str, Any], model: str, include_usage: bool) -> li
             delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
             if message.get("tool_calls"):
                 delta["tool_calls"] = [{**call, "index": n} for n, call in enumerate(message["tool_calls"])]
-            chunks.append({**head, "choices": [{"index": i, "delta": delta, "finish_reason": None}]})
-            chunks.append({**head, "choices": [{"index": i, "delta": {}, "finish_reason": finish}]})
+            chunks.append(wire.chunk(head, chat, [{"index": i, "delta": delta, "finish_reason": None}]))
+            chunks.append(wire.chunk(head, chat, [{"index": i, "delta": {}, "finish_reason": finish}]))
         else:
             text = choice.get("text") or ""
-            chunks.append({**head, "choices": [{"index": i, "text": text, "finish_reason": None}]})
-            chunks.append({**head, "choices": [{"index": i, "text": "", "finish_reason": finish}]})
+            chunks.append(wire.chunk(head, chat, [{"index": i, "text": text, "finish_reason": None}]))
+            chunks.append(wire.chunk(head, chat, [{"index": i, "text": "", "finish_reason": finish}]))
     if include_usage:
-        chunks.append({**head, "choices": [], "usage": stored["usage"]})
+        chunks.append(wire.chunk(head, chat, [], stored["usage"]))
     return chunks

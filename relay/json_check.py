@@ -26,6 +26,8 @@ import jsonschema._utils
 import re2
 from referencing import Registry
 
+from backends.wire.errors import bad_request
+
 CHECK_BUDGET_S = 2.0  # an answer not judged by then is returned as it is
 CHECKS_AT_ONCE = 2  # concurrent checks per process (each may take a core for CHECK_BUDGET_S)
 MAX_PATTERNS = 100  # per schema; more is a 400
@@ -67,6 +69,23 @@ class _SafeRe:
 for _module in (jsonschema._keywords, jsonschema._utils, jsonschema._legacy_keywords):
     assert getattr(_module, "re", None) is re, f"{_module.__name__} no longer uses re; revisit relay.json_check"
     _module.re = _SafeRe  # type: ignore[attr-defined]
+
+
+def response_schema(body: dict[str, Any]) -> Any:
+    """The json_schema a chat request asks its answer to follow, if any."""
+    fmt = body.get("response_format")
+    spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
+    return spec.get("schema") if isinstance(spec, dict) else None
+
+
+def check_response_schema(body: dict[str, Any]) -> None:
+    """A json_schema with too many patterns, or one that is no regular expression, is refused, as OpenAI refuses
+    an invalid schema. It compiles patterns: run it off the event loop."""
+    problem = schema_problem(response_schema(body))
+    if problem is not None:
+        where, message = problem
+        param = "response_format.json_schema.schema" + (f".{where}" if where else "")
+        raise bad_request(f"Invalid schema for response_format: {message}.", param, "invalid_value")
 
 
 def schema_problem(schema: Any) -> tuple[str, str] | None:

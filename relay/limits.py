@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from relay.auth import Principal
-from relay.errors import RelayError
+from relay.errors import APIError
 from relay.redis_state import RedisState
 
 # KEYS: buckets. ARGV: now_ms, then per bucket (interval_ms, tolerance_ms, cost).
@@ -120,7 +120,7 @@ class RateLimiter:
             return
         retry_s = max(1, math.ceil(float(wait_ms) / 1000))
         limited = ", ".join(f"{b.per_minute} {b.what} per minute for this {b.scope}" for b in buckets)
-        raise RelayError(429, f"Rate limit reached ({limited}). Retry after {retry_s} s.", "rate_limit_error",
+        raise APIError(429, f"Rate limit reached ({limited}). Retry after {retry_s} s.", "rate_limit_error",
                          None, "rate_limit_exceeded", headers={"Retry-After": str(retry_s)})
 
     async def settle_tokens(self, principal: Principal, delta: int) -> None:

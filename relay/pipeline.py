@@ -8,44 +8,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import orjson
-
 from channels.base import Channel, UpstreamError
-from relay.accounting import EMPTY_USAGE, Accounting, Entry
+from relay.accounting import EMPTY_USAGE, Accounting, Entry, clean_usage
 from relay.auth import Principal, check_model
 from relay.cache import CachePlan, ResponseCache, StreamAssembler, replay_chunks, replay_response, stored_from_response
 from relay.cache import plan as cache_plan
 from relay.catalog import Catalog
 from relay.circuit import CircuitBreaker
-from relay.errors import RelayError, not_found
+from relay.errors import APIError, not_found
 from relay.lifecycle import Drain, DrainTimeout
 from relay.passthrough import upstream_fields
 from relay.policy import PolicyOutcome, apply_policy, json_retry, rewrites_header, wants_json_retry
 from relay.routing import candidates
 from relay.tokens import prompt_tokens, text_tokens
-from relay.usage import clamp_tokens
 
 log = logging.getLogger("relay.pipeline")
-
-
-def clean_usage(usage: Any) -> dict[str, Any]:
-    """The upstream's usage with every count a sane integer (ONE API bills from it)."""
-    if not isinstance(usage, dict):
-        return dict(EMPTY_USAGE)
-    out: dict[str, Any] = {k: clamp_tokens(usage.get(k, 0)) for k in EMPTY_USAGE}
-    for key, value in usage.items():
-        if key.endswith("_details") and isinstance(value, dict):
-            out[key] = {k: clamp_tokens(v) for k, v in value.items() if isinstance(v, int | float)}
-    return out
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 @dataclass
@@ -61,9 +43,12 @@ class RelayCall:
 
 @dataclass
 class RelayResult:
+    """An answer, or a stream of OpenAI chunk dicts (the last one may be an error event); the HTTP layer frames
+    them as server-sent events."""
+
     headers: dict[str, str]
     body: dict[str, Any] | None = None
-    stream: AsyncIterator[bytes] | None = None
+    stream: AsyncIterator[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -123,7 +108,7 @@ class Pipeline:
             if attempt.outcome.request.get("stream"):
                 return await self._stream(attempt, ordered)
             return await self._complete(attempt, ordered)
-        except RelayError as exc:
+        except APIError as exc:
             await self._release(attempt)
             self._finish(attempt, exc.status, error_type=exc.code or exc.type)
             raise
@@ -167,10 +152,9 @@ class Pipeline:
             return RelayResult(headers=headers, body=replay_response(stored, model))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        async def replay() -> AsyncIterator[bytes]:
+        async def replay() -> AsyncIterator[dict[str, Any]]:
             for chunk in replay_chunks(stored, model, include_usage):
-                yield _sse(chunk)
-            yield b"data: [DONE]\n\n"
+                yield chunk
 
         return RelayResult(headers=headers, stream=replay())
 
@@ -186,7 +170,7 @@ class Pipeline:
 
     # --- logging --------------------------------------------------------------------------------------
 
-    def reject(self, call: RelayCall, error: RelayError) -> None:
+    def reject(self, call: RelayCall, error: APIError) -> None:
         """Logs a request refused before it reached the pipeline (an invalid body from a valid key)."""
         entry = Entry(call.principal, call.endpoint, call.body["model"], False, call.started)
         self.accounting.finish(entry, error.status, error_type=error.code or error.type)
@@ -215,7 +199,7 @@ class Pipeline:
                                                    policy_set)
         request["model"] = config.upstream_model(request["model"])
         attempt.entry.channel_id, attempt.entry.upstream_model = config.id, request["model"]
-        if request.get("stream") and config.capabilities.get("stream_usage", True):
+        if request.get("stream") and channel.capabilities.stream_usage:
             # Always ask for usage so the log and quota are exact; the client sees it only if it asked.
             request["stream_options"] = {**(request.get("stream_options") or {}), "include_usage": True}
         return request
@@ -268,9 +252,10 @@ class Pipeline:
                       str(exc).splitlines()[0][:300])
 
     async def _call_channels(self, attempt: _Attempt, channels: list[Channel]) -> dict[str, Any]:
-        """The first channel that answers; retryable failures move on to the next one."""
-        last: UpstreamError | None = None
-        for channel in channels:
+        """The first channel that answers; retryable failures try a channel again (its `retries`), then move on
+        to the next one."""
+        failures: list[UpstreamError] = []
+        for channel in _tries(channels, failures):
             attempt.channel = channel
             request = self._upstream_request(attempt, channel)
             t0 = time.perf_counter()
@@ -282,17 +267,16 @@ class Pipeline:
                 await self.breaker.succeeded(channel)
                 return response
             except UpstreamError as exc:
-                last = exc
+                failures.append(exc)
                 if not await self._channel_failed(channel, exc):
                     break
             finally:
                 attempt.upstream_ms += (time.perf_counter() - t0) * 1000
-        assert last is not None
-        raise _client_error(last)
+        raise _client_error(failures[-1])
 
     async def _stream(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
-        last: UpstreamError | None = None
-        for channel in channels:
+        failures: list[UpstreamError] = []
+        for channel in _tries(channels, failures):
             attempt.channel = channel
             request = self._upstream_request(attempt, channel)
             chunks = (channel.chat_stream if attempt.call.endpoint == "chat" else channel.completion_stream)(
@@ -304,17 +288,16 @@ class Pipeline:
             except StopAsyncIteration:
                 first = None
             except UpstreamError as exc:
-                last = exc
+                failures.append(exc)
                 if await self._channel_failed(channel, exc):
                     continue
                 break
             await self.breaker.succeeded(channel)
             return RelayResult(headers=self._headers(attempt), stream=self._relay_stream(attempt, first, chunks))
-        assert last is not None
-        raise _client_error(last)
+        raise _client_error(failures[-1])
 
     async def _relay_stream(self, attempt: _Attempt, first: dict[str, Any] | None,
-                            chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+                            chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
         body = attempt.call.body
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         model = body["model"]
@@ -341,21 +324,19 @@ class Pipeline:
                     if not wants_usage:
                         chunk = {k: v for k, v in chunk.items() if k != "usage"}
                 chunk["model"] = model
-                yield _sse(chunk)
+                yield chunk
                 chunk = await self.drain.next(chunks)
-            yield b"data: [DONE]\n\n"
         except UpstreamError as exc:
             status, error_type = exc.status, exc.kind
-            yield _sse(_client_error(exc).body())
+            yield _client_error(exc).body()
         except DrainTimeout:
             status, error_type = 503, "shutting_down"
-            yield _sse(RelayError(503, "The relay is restarting and ended this stream early; retry the request.",
-                                  "server_error", None, "shutting_down").body())
-            yield b"data: [DONE]\n\n"
+            yield APIError(503, "The relay is restarting and ended this stream early; retry the request.",
+                           "server_error", None, "shutting_down").body()
         except Exception:
             log.exception("stream from channel %s broke", attempt.channel.config.name)
             status, error_type = 502, "stream_error"
-            yield _sse(_client_error(UpstreamError(502, "The upstream stream broke off.", retryable=True)).body())
+            yield _client_error(UpstreamError(502, "The upstream stream broke off.", retryable=True)).body()
         except BaseException:
             status, error_type = 499, "client_disconnected"  # cancelled: the client went away
             raise
@@ -381,11 +362,21 @@ class Pipeline:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _client_error(exc: UpstreamError) -> RelayError:
+def _tries(channels: list[Channel], failures: list[UpstreamError]) -> Iterator[Channel]:
+    """Each channel 1 + its `retries` times in a row, before failing over (the caller appends each failure);
+    refused credentials are not retried: the same key will be refused again."""
+    for channel in channels:
+        for attempt in range(1 + max(channel.config.retries, 0)):
+            if attempt and failures and failures[-1].kind == "upstream_auth":
+                break
+            yield channel
+
+
+def _client_error(exc: UpstreamError) -> APIError:
     if exc.status == 400:
-        return RelayError(400, exc.message, "invalid_request_error", exc.param, "upstream_rejected")
+        return APIError(400, exc.message, "invalid_request_error", exc.param, "upstream_rejected")
     if exc.status == 403:
-        return RelayError(403, exc.message, "invalid_request_error", exc.param, exc.kind)
+        return APIError(403, exc.message, "invalid_request_error", exc.param, exc.kind)
     if exc.status == 429:
-        return RelayError(429, exc.message, "rate_limit_error", None, exc.kind)
-    return RelayError(exc.status, exc.message, "upstream_error", None, exc.kind)
+        return APIError(429, exc.message, "rate_limit_error", None, exc.kind)
+    return APIError(exc.status, exc.message, "upstream_error", None, exc.kind)

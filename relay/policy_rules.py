@@ -7,7 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TASKS = ("json", "tools", "code", "chat", "creative", "summary", "translation")
 Task = Literal["json", "tools", "code", "chat", "creative", "summary", "translation"]
 
 

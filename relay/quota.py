@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from relay.auth import Principal
-from relay.errors import RelayError
+from relay.errors import APIError
 from relay.redis_state import RedisState
 from relay.usage import UsageRecorder
 
@@ -157,7 +157,7 @@ class QuotaLedger:
                 self._unsettled.append((hold, spent))
 
 
-def _refusal(scope: _Scope, current: int, tokens: int) -> RelayError:
+def _refusal(scope: _Scope, current: int, tokens: int) -> APIError:
     owner = "Your tenant" if scope.label == "tenant" else "This API key"
     if current >= scope.limit:
         message = f"{owner} has used its whole token quota; ask the operator to raise it."
@@ -165,4 +165,4 @@ def _refusal(scope: _Scope, current: int, tokens: int) -> RelayError:
         message = (f"{owner} has {scope.limit - current} tokens of its quota left, and this request may use up "
                    f"to {tokens} (its prompt plus max_tokens); lower max_tokens or ask the operator to raise the "
                    "quota.")
-    return RelayError(429, message, "insufficient_quota", None, "insufficient_quota")
+    return APIError(429, message, "insufficient_quota", None, "insufficient_quota")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,13 @@ import psycopg
 import pytest
 
 from tests.fake_upstream import FakeUpstream, ServerThread
+from tests.net import free_port, stop, wait_healthy
 
 ADMIN_TOKEN = "test-admin-token"
 # The relays started here encrypt upstream secrets with this key (a PostgreSQL database needs one set).
 SECRET_KEY = "0vzTQ5B3oSS4G4C4Yvd2Gi33n1DyQ3oJHMGx8QWxMzA="
 PG_ADMIN_URL = os.environ.get("RELAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -109,28 +103,14 @@ def run_relay(database_url: str, tmp_dir: Path, *args: str, env: dict[str, str] 
                 "RELAY_CONFIG_POLL_S": "0.5", "RELAY_TRUSTED_PROXIES": "127.0.0.1", "RELAY_SECRET_KEY": SECRET_KEY,
                 **(env or {})}
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--log-level", "warning", *args],
+        process = subprocess.Popen([sys.executable, "-m", "admin.cli", "serve", "--log-level", "warning", *args],
                                    env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     relay = Relay(f"http://127.0.0.1:{port}", database_url, process, log_path)
     try:
-        deadline = time.time() + 90
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"relay exited early:\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(relay.url + "/health", timeout=1).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise RuntimeError(f"relay did not become healthy:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        wait_healthy(relay.url + "/health", process, log=log_path.read_text)
         yield relay
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def add_fake_channel(relay: Relay, upstream_url: str, name: str, models: list[str], **fields: Any) -> dict:

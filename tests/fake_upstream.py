@@ -23,6 +23,8 @@ from typing import Any
 
 import uvicorn
 
+from backends.wire import responses as wire
+
 
 class FakeUpstream:
     def __init__(self, delay_s: float = 0.0, api_key: str | None = None, record: bool = True) -> None:
@@ -69,35 +71,29 @@ class FakeUpstream:
         text = self.reply_text(model, body)
         words = [w + " " for w in text.split(" ")]
         words[-1] = words[-1].rstrip()
-        usage = {"prompt_tokens": _count_prompt(body), "completion_tokens": len(words)}
-        if model == "huge-usage":
-            usage["prompt_tokens"] = 10**20
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        base = {"id": "cmpl-fake", "created": int(time.time()), "model": model}
+        usage = wire.usage(10**20 if model == "huge-usage" else _count_prompt(body), len(words))
+        head = wire.head(chat, model)
         if body.get("stream"):
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream")]})
-            pieces = [{"delta": {"role": "assistant", "content": w} if chat else None, "text": w}
-                      for w in words]
             drip_s = int(model.split("-")[2]) / 1000 if model.startswith("drip-") else 0
-            for piece in pieces:
+            for word in words:
                 if drip_s:
                     await asyncio.sleep(drip_s)
-                choice = {"index": 0, "finish_reason": None}
-                choice.update({"delta": piece["delta"]} if chat else {"text": piece["text"]})
-                await _event(send, {**base, "object": _obj(chat, True), "choices": [choice]})
+                piece = {"delta": {"role": "assistant", "content": word}} if chat else {"text": word}
+                await _event(send, wire.chunk(head, chat, [{"index": 0, "finish_reason": None, **piece}]))
             end = {"index": 0, "finish_reason": "stop", **({"delta": {}} if chat else {"text": ""})}
-            await _event(send, {**base, "object": _obj(chat, True), "choices": [end]})
+            await _event(send, wire.chunk(head, chat, [end]))
             if (body.get("stream_options") or {}).get("include_usage"):
-                await _event(send, {**base, "object": _obj(chat, True), "choices": [], "usage": usage})
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+                await _event(send, wire.chunk(head, chat, [], usage))
+            await send({"type": "http.response.body", "body": wire.SSE_DONE})
             return
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
                       "logprobs": None}
         else:
             choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
-        await send_json(send, 200, {**base, "object": _obj(chat, False), "choices": [choice], "usage": usage})
+        await send_json(send, 200, wire.response(head, chat, [choice], usage))
 
 
 async def read_body(scope, receive, send) -> bytes | None:
@@ -115,12 +111,6 @@ async def read_body(scope, receive, send) -> bytes | None:
             return raw
 
 
-def _obj(chat: bool, stream: bool) -> str:
-    if chat:
-        return "chat.completion.chunk" if stream else "chat.completion"
-    return "text_completion"
-
-
 def _count_prompt(body: dict[str, Any]) -> int:
     if "messages" in body:
         return sum(len(str(m.get("content", "")).split()) for m in body["messages"]) + 3
@@ -135,8 +125,7 @@ async def send_json(send, status: int, payload: dict[str, Any]) -> None:
 
 
 async def _event(send, payload: dict[str, Any]) -> None:
-    await send({"type": "http.response.body", "body": b"data: " + json.dumps(payload).encode() + b"\n\n",
-                "more_body": True})
+    await send({"type": "http.response.body", "body": wire.sse(payload), "more_body": True})
 
 
 class ServerThread:

@@ -14,7 +14,8 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import add_fake_channel, free_port, run_relay
+from tests.conftest import add_fake_channel, run_relay
+from tests.net import free_port
 
 REDIS_DB_URL = "redis://127.0.0.1:6379/7"
 ASK = [{"role": "user", "content": "What is the answer?"}]

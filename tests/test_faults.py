@@ -18,19 +18,10 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import add_fake_channel, free_port, postgres_database, run_relay
+from tests.conftest import add_fake_channel, postgres_database, run_relay
+from tests.net import free_port, wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _wait(check, timeout: float = 20, what: str = "condition") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @contextlib.contextmanager
@@ -41,7 +32,7 @@ def own_redis() -> Iterator[tuple[subprocess.Popen, int]]:
     try:
         import redis
 
-        _wait(lambda: redis.Redis(port=port).ping(), what="redis")
+        wait_until(lambda: redis.Redis(port=port).ping(), what="redis")
         yield process, port
     finally:
         process.kill()
@@ -135,7 +126,7 @@ def test_database_stopped_mid_traffic_loses_no_log_row(tmp_path, upstream, own_p
                 return conn.execute("SELECT count(*) FROM request_logs WHERE tenant_id = %s",
                                     (key["tenant_id"],)).fetchone()[0]
 
-        _wait(lambda: logged() == 200, 30, "all 200 log rows")
+        wait_until(lambda: logged() == 200, 30, "all 200 log rows")
         time.sleep(1)
         assert logged() == 200  # every row, none twice
         tenant = relay.ok("GET", f"/admin/tenants/{key['tenant_id']}")
@@ -165,7 +156,7 @@ def test_sigterm_drains_open_streams(tmp_path, upstream, drip, finishes):
 
         with ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(one, i) for i in range(16)]
-            _wait(lambda: len(started) > 0, what="the first chunk")
+            wait_until(lambda: len(started) > 0, what="the first chunk")
             time.sleep(0.5)  # every stream is open
             relay.process.send_signal(signal.SIGTERM)
             term_at = time.time()

@@ -120,7 +120,7 @@ def test_upstream_secrets_are_encrypted_at_rest(relay, upstream):
 
 
 def _serve_once(url: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "relay.cli", "serve", "--port", "1"], cwd=ROOT, timeout=120,
+    return subprocess.run([sys.executable, "-m", "admin.cli", "serve", "--port", "1"], cwd=ROOT, timeout=120,
                           capture_output=True, text=True,
                           env={**os.environ, "RELAY_DATABASE_URL": url, "RELAY_REDIS_URL": "none", **env})
 

@@ -68,7 +68,7 @@ def test_downgrade_and_upgrade_again(db_url):
 
 def test_cli_db_upgrade(tmp_path):
     url = f"sqlite:///{tmp_path / 'cli.db'}"
-    result = subprocess.run([sys.executable, "-m", "relay.cli", "db", "upgrade"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "admin.cli", "db", "upgrade"], cwd=ROOT, capture_output=True,
                             text=True, env={"RELAY_DATABASE_URL": url, "PATH": "/usr/bin:/bin"}, timeout=120)
     assert result.returncode == 0, result.stderr
     from alembic.script import ScriptDirectory

@@ -108,7 +108,7 @@ def test_import_oneapi(tmp_path):
     env = {**os.environ, "RELAY_DATABASE_URL": target}
 
     def cli(*args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "relay.cli", "import-oneapi", "--database-url",
+        result = subprocess.run([sys.executable, "-m", "admin.cli", "import-oneapi", "--database-url",
                                  f"sqlite:///{source}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0, result.stderr

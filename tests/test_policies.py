@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from backends.loading import load
-from tests.conftest import add_fake_channel, free_port, postgres_database, run_relay
+from tests.conftest import add_fake_channel, postgres_database, run_relay
 from tests.fake_upstream import ServerThread
+from tests.net import free_port
 from tests.plain_generate_upstream import PlainGenerateUpstream
 
 ASK = [{"role": "user", "content": "Say something."}]

@@ -13,7 +13,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, add_fake_channel, free_port, postgres_database, run_relay
+from tests.conftest import ROOT, add_fake_channel, postgres_database, run_relay
+from tests.net import free_port
 
 
 def test_workers_share_configuration_edits(tmp_path, upstream):
@@ -37,7 +38,7 @@ def test_workers_share_configuration_edits(tmp_path, upstream):
 
 def _cli(url: str, *args: str) -> dict:
     env = {**os.environ, "RELAY_DATABASE_URL": url}
-    result = subprocess.run([sys.executable, "-m", "relay.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "admin.cli", *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -45,7 +46,7 @@ def _cli(url: str, *args: str) -> dict:
 
 def test_shell_commands_set_up_a_working_key(tmp_path, upstream):
     url = f"sqlite:///{tmp_path / 'cli.db'}"
-    subprocess.run([sys.executable, "-m", "relay.cli", "db", "upgrade"], cwd=ROOT, check=True, timeout=120,
+    subprocess.run([sys.executable, "-m", "admin.cli", "db", "upgrade"], cwd=ROOT, check=True, timeout=120,
                    env={**os.environ, "RELAY_DATABASE_URL": url}, capture_output=True)
     tenant = _cli(url, "tenant", "create", "shell-tenant")
     _cli(url, "channel", "add", "--name", "fake", "--base-url", upstream[1], "--api-key", "upstream-secret",

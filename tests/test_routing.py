@@ -15,7 +15,8 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT, add_fake_channel, free_port, run_relay
+from tests.conftest import ROOT, add_fake_channel, run_relay
+from tests.net import free_port, wait_healthy
 
 REDIS_URL = "redis://127.0.0.1:6379/10"
 
@@ -129,13 +130,7 @@ def test_killing_a_channel_under_load_loses_no_request(relay):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
     try:
         for port in ports:
-            deadline = time.time() + 20
-            while time.time() < deadline:
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+            wait_healthy(f"http://127.0.0.1:{port}/v1/models")
         model = _model()
         for i, port in enumerate(ports):
             add_fake_channel(relay, f"http://127.0.0.1:{port}", f"twin{i}-{model}", [model], timeout_s=5)

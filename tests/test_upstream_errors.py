@@ -77,7 +77,7 @@ def test_client_fields_cannot_steer_litellm(relay, upstream, calls):
 
 
 def test_unreachable_upstream_is_502(relay):
-    from tests.conftest import free_port
+    from tests.net import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     add_fake_channel(relay, dead, f"dead-{relay.url.rsplit(':', 1)[1]}", ["dead-model"], timeout_s=5)

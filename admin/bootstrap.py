@@ -8,42 +8,27 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 from sqlmodel import select
 
+from backends.parent import PARENT_ENV
 from relay import config_state
 from relay.db import make_engine, session
 from relay.models import Tenant
 from relay.secrets import SecretBox, resolve_box
 from relay.settings import Settings
 
-log = logging.getLogger("relay.bootstrap")
+log = logging.getLogger("admin.bootstrap")
 
 LOCAL_CHANNEL = "local"
-PARENT_ENV = "RELAY_WORKER_PARENT"
-
-
-def exit_with_parent() -> None:
-    """In a worker started by `serve --with-worker`: exit as soon as the gateway that started it is gone."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent:
-        return
-
-    def watch() -> None:
-        while os.getppid() == int(parent):
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def start_worker(model: str, port: int, timeout_s: float = 600) -> tuple[subprocess.Popen, str, str]:
     """Starts `policy-relay worker` as a child process; returns it, its URL and the model name it serves."""
-    cmd = [sys.executable, "-m", "relay.cli", "worker", "--model", model, "--port", str(port),
-           "--log-level", "warning"]
+    # `python -m backends`: the worker process imports nothing of the gateway.
+    cmd = [sys.executable, "-m", "backends", "--model", model, "--port", str(port), "--log-level", "warning"]
     # The worker watches this pid and exits when it is gone: uvicorn re-raises SIGTERM after its graceful
     # shutdown, so the gateway can die without running atexit, and an orphaned worker holds its model.
     process = subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})

@@ -1,5 +1,6 @@
-"""Validation of OpenAI request bodies. Unknown fields pass through untouched (upstreams such as vLLM
-take top_k, repetition_penalty, ...); known fields must lie in OpenAI's documented ranges."""
+"""Validation of OpenAI request bodies. Unknown fields are kept (vLLM and the worker take top_k,
+repetition_penalty, ...); known fields must lie in OpenAI's documented ranges. Structural limits (depth,
+number of objects and arrays) hold before anything is built from a body."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import orjson
 import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from relay.errors import RelayError, bad_request
-from relay.json_check import schema_problem
+from backends.wire.errors import APIError, bad_request
 
 MAX_DEPTH = 64  # JSON nesting; deeper is a 400 (nothing an OpenAI client sends comes close)
 # JSON objects and arrays per body: parsed, each costs ~60 bytes of Python memory (16 MB of `[],` would be
@@ -153,24 +153,7 @@ def _deeper_than(value: Any, limit: int) -> str | None:
     return ".".join(path[:8]) + (".…" if len(path) > 8 else "")
 
 
-def response_schema(body: dict[str, Any]) -> Any:
-    """The json_schema a chat request asks its answer to follow, if any."""
-    fmt = body.get("response_format")
-    spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
-    return spec.get("schema") if isinstance(spec, dict) else None
-
-
-def check_response_schema(body: dict[str, Any]) -> None:
-    """A json_schema with too many patterns, or one that is no regular expression, is refused, as OpenAI refuses
-    an invalid schema. It compiles patterns: run it off the event loop."""
-    problem = schema_problem(response_schema(body))
-    if problem is not None:
-        where, message = problem
-        param = "response_format.json_schema.schema" + (f".{where}" if where else "")
-        raise bad_request(f"Invalid schema for response_format: {message}.", param, "invalid_value")
-
-
-def _validation_error(exc: ValidationError) -> RelayError:
+def _validation_error(exc: ValidationError) -> APIError:
     first = exc.errors(include_url=False)[0]
     loc = first.get("loc", ())
     # Unions put the member type into loc ("str", "list[str]"); a client names only its own fields.

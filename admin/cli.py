@@ -1,4 +1,6 @@
-"""`policy-relay` command line: serve, db upgrade, and shell helpers for tenants, keys and channels."""
+"""`policy-relay` command line: serve (the gateway, optionally with a local worker), worker, db upgrade, and
+the operator's shell commands for tenants, keys and channels — which write through admin.service like the admin
+API does (validated, audited with actor `cli`)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from relay.settings import Settings
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from relay import bootstrap, db
+    from admin import bootstrap
+    from relay import db
 
     db.upgrade(settings.database_url)  # idempotent: a fresh machine gets its schema here
     bootstrap.check_secret_key(settings)  # a wrong key stops here, with its message, not in every worker
@@ -27,7 +30,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if secret:
         print(f"\nNew database: created tenant 'default' and its first API key (shown this once):\n    {secret}\n",
               flush=True)
-    uvicorn.run("relay.app:create_app", factory=True, host=args.host or settings.host,
+    uvicorn.run("admin.app:create_app", factory=True, host=args.host or settings.host,
                 port=args.port or settings.port, workers=args.workers, log_level=args.log_level,
                 access_log=args.access_log, loop="auto", http="auto",
                 proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
@@ -36,18 +39,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    from backends.cli import run
 
-    from backends.loading import load
-    from backends.server import create_worker_app
-    from relay.bootstrap import exit_with_parent
-
-    exit_with_parent()
-    lm = load(args.model, device=args.device, dtype=args.dtype)
-    logging.getLogger("relay").info("worker serving %s on %s (%s)", lm.name, lm.device, lm.dtype)
-    uvicorn.run(create_worker_app(lm, max_batch=args.max_batch), host=args.host, port=args.port,
-                log_level=args.log_level, access_log=False)
-    return 0
+    return run(args)
 
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
@@ -62,14 +56,14 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
 def _write(settings: Settings, write) -> int:
     """Runs one service-layer write with actor `cli`; a refusal is its message on stderr and exit code 1."""
     from relay.db import make_engine, session
-    from relay.errors import RelayError
+    from relay.errors import APIError
 
     engine = make_engine(settings.database_url)
     try:
         with session(engine) as s:
             print(json.dumps(write(s)))
         return 0
-    except RelayError as exc:
+    except APIError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     finally:
@@ -127,8 +121,8 @@ def _key_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 def _channel_add(args: argparse.Namespace, settings: Settings) -> int:
     from admin import service
+    from admin.bootstrap import secret_box
     from admin.schemas import ChannelCreate
-    from relay.bootstrap import secret_box
 
     def write(s):
         try:
@@ -153,8 +147,9 @@ def _secret_key(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _import_oneapi(args: argparse.Namespace, settings: Settings) -> int:
-    from relay import db, oneapi_import
-    from relay.bootstrap import secret_box
+    from admin import oneapi_import
+    from admin.bootstrap import secret_box
+    from relay import db
 
     db.upgrade(settings.database_url)
     planned = oneapi_import.run(args.database_url, db.make_engine(settings.database_url), apply=args.apply,
@@ -182,15 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-url", help="register an already running worker as the `local` channel")
     serve.set_defaults(func=_serve)
 
-    worker = sub.add_parser("worker", help="run the local torch/transformers worker")
-    worker.add_argument("--model", required=True,
-                        help="tiny-qwen2 | tiny-qwen3 | smollm2-135m | a HuggingFace id | a folder | a .gguf file")
-    worker.add_argument("--host", default="127.0.0.1")
-    worker.add_argument("--port", type=int, default=8001)
-    worker.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    worker.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float16, ...")
-    worker.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
-    worker.add_argument("--log-level", default="info")
+    worker = sub.add_parser("worker", help="run the local torch/transformers worker (as `python -m backends`)")
+    from backends.cli import add_arguments
+
+    add_arguments(worker)
     worker.set_defaults(func=_worker)
 
     dbp = sub.add_parser("db", help="database schema")

@@ -1,0 +1,47 @@
+"""The worker's command line: `python -m backends --model MODEL` (also `policy-relay worker`, which delegates
+here). It needs only the worker's own dependencies."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="tiny-qwen2 | tiny-qwen3 | smollm2-135m | a HuggingFace id | a folder | a .gguf file")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float16, ...")
+    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    parser.add_argument("--max-body-mb", type=float, default=16, help="larger request bodies are refused (413)")
+    parser.add_argument("--log-level", default="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from backends.loading import load
+    from backends.parent import exit_with_parent
+    from backends.server import create_worker_app
+
+    exit_with_parent()
+    lm = load(args.model, device=args.device, dtype=args.dtype)
+    logging.getLogger("backends").info("worker serving %s on %s (%s)", lm.name, lm.device, lm.dtype)
+    uvicorn.run(create_worker_app(lm, max_batch=args.max_batch, max_body_mb=args.max_body_mb), host=args.host,
+                port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backends", description="the local torch/transformers worker")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

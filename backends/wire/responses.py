@@ -1,0 +1,40 @@
+"""OpenAI's answer shapes, built in one place: a whole response, a stream chunk, usage, and the SSE framing of
+a stream (`data: {json}` events ending with `data: [DONE]`)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def head(chat: bool, model: str) -> dict[str, Any]:
+    """What every response and every chunk of one answer share: its id, creation time and model."""
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": model}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(head: dict[str, Any], chat: bool, choices: list[dict[str, Any]],
+             usage: dict[str, Any]) -> dict[str, Any]:
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage}
+
+
+def chunk(head: dict[str, Any], chat: bool, choices: list[dict[str, Any]],
+          usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = {**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
