@@ -163,7 +163,7 @@ class _ChannelFields(_In):
     timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     retries: Annotated[int, Field(ge=0, le=10)] | None = None
     options: dict[str, Any] | None = None
-    capabilities: dict[str, Any] | None = None
+    capabilities: CapabilityOverrides | None = None
 
     passthrough: Annotated[list[FieldName], Field(max_length=200)] | None = None
 

@@ -7,7 +7,7 @@ processes see the version move)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +20,8 @@ from relay.auth import hash_secret, new_secret, shown_prefix
 from relay.errors import APIError, not_found
 from relay.models import ApiKey, AuditEvent, Channel, ModelPolicy, Tenant, utcnow
 from relay.secrets import SecretBox
+
+Row = TypeVar("Row", bound=SQLModel)
 
 
 def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[str, Any] | None,
@@ -45,9 +47,24 @@ def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[st
         s.refresh(row)
 
 
-def _patch(row: SQLModel, changes: dict[str, Any]) -> None:
+def _edit(s: Session, model: type[Row], row_id: int, entity: str, changes: dict[str, Any], actor: str,
+          action: str = "update") -> Row:
+    """Fetch (or 404), change, save with the before and after in the audit log."""
+    row = get_or_404(s, model, row_id, entity)
+    before = snapshot_row(row)
     for name, value in changes.items():
         setattr(row, name, value)
+    if isinstance(row, ModelPolicy):
+        row.version += 1  # part of the cache key: an edit never serves answers cached under old rules
+    save(s, action=action, entity=entity, row=row, before=before, actor=actor)
+    return row
+
+
+def _remove(s: Session, model: type[Row], row_id: int, entity: str, actor: str) -> None:
+    row = get_or_404(s, model, row_id, entity)
+    before = snapshot_row(row)
+    s.delete(row)
+    save(s, action="delete", entity=entity, row=row, before=before, actor=actor)
 
 
 # --- tenants -------------------------------------------------------------------------------------
@@ -59,21 +76,15 @@ def create_tenant(s: Session, body: TenantCreate, actor: str) -> Tenant:
 
 
 def update_tenant(s: Session, tenant_id: int, body: TenantUpdate, actor: str) -> Tenant:
-    tenant = get_or_404(s, Tenant, tenant_id, "tenant")
-    before = snapshot_row(tenant)
-    _patch(tenant, body.model_dump(exclude_unset=True))
-    save(s, action="update", entity="tenant", row=tenant, before=before, actor=actor)
-    return tenant
+    return _edit(s, Tenant, tenant_id, "tenant", body.model_dump(exclude_unset=True), actor)
 
 
 def delete_tenant(s: Session, tenant_id: int, actor: str) -> None:
     """Deletes the tenant with its keys and policies; request logs keep their history."""
-    tenant = get_or_404(s, Tenant, tenant_id, "tenant")
-    before = snapshot_row(tenant)
+    get_or_404(s, Tenant, tenant_id, "tenant")
     s.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant_id))
     s.execute(delete(ModelPolicy).where(ModelPolicy.tenant_id == tenant_id))
-    s.delete(tenant)
-    save(s, action="delete", entity="tenant", row=tenant, before=before, actor=actor)
+    _remove(s, Tenant, tenant_id, "tenant", actor)
 
 
 def tenant_by_name_or_id(s: Session, ref: str) -> Tenant:
@@ -98,20 +109,12 @@ def create_key(s: Session, body: KeyCreate, actor: str) -> tuple[ApiKey, str]:
 
 
 def update_key(s: Session, key_id: int, body: KeyUpdate, actor: str) -> ApiKey:
-    key = get_or_404(s, ApiKey, key_id, "api_key")
-    before = snapshot_row(key)
-    _patch(key, body.model_dump(exclude_unset=True))
-    save(s, action="update", entity="api_key", row=key, before=before, actor=actor)
-    return key
+    return _edit(s, ApiKey, key_id, "api_key", body.model_dump(exclude_unset=True), actor)
 
 
 def revoke_key(s: Session, key_id: int, actor: str) -> ApiKey:
     """The row stays, so usage history still names the key."""
-    key = get_or_404(s, ApiKey, key_id, "api_key")
-    before = snapshot_row(key)
-    key.status = "revoked"
-    save(s, action="revoke", entity="api_key", row=key, before=before, actor=actor)
-    return key
+    return _edit(s, ApiKey, key_id, "api_key", {"status": "revoked"}, actor, action="revoke")
 
 
 # --- channels ------------------------------------------------------------------------------------
@@ -135,18 +138,11 @@ def create_channel(s: Session, body: ChannelCreate, actor: str, box: SecretBox) 
 
 
 def update_channel(s: Session, channel_id: int, body: ChannelUpdate, actor: str, box: SecretBox) -> Channel:
-    channel = get_or_404(s, Channel, channel_id, "channel")
-    before = snapshot_row(channel)
-    _patch(channel, _sealed(body.model_dump(exclude_unset=True), box))
-    save(s, action="update", entity="channel", row=channel, before=before, actor=actor)
-    return channel
+    return _edit(s, Channel, channel_id, "channel", _sealed(body.model_dump(exclude_unset=True), box), actor)
 
 
 def delete_channel(s: Session, channel_id: int, actor: str) -> None:
-    channel = get_or_404(s, Channel, channel_id, "channel")
-    before = snapshot_row(channel)
-    s.delete(channel)
-    save(s, action="delete", entity="channel", row=channel, before=before, actor=actor)
+    _remove(s, Channel, channel_id, "channel", actor)
 
 
 def upsert_local_channel(s: Session, name: str, url: str, model: str, actor: str) -> Channel:
@@ -194,18 +190,11 @@ def create_policy(s: Session, fields: dict[str, Any], actor: str) -> ModelPolicy
 
 
 def update_policy(s: Session, policy_id: int, changes: dict[str, Any], actor: str) -> ModelPolicy:
-    policy = get_or_404(s, ModelPolicy, policy_id, "policy")
-    before = snapshot_row(policy)
+    get_or_404(s, ModelPolicy, policy_id, "policy")  # a missing policy is named before a missing tenant
     if "tenant_id" in changes:
         check_tenant(s, changes["tenant_id"])
-    _patch(policy, changes)
-    policy.version += 1  # part of the cache key: an edit never serves answers cached under old rules
-    save(s, action="update", entity="policy", row=policy, before=before, actor=actor)
-    return policy
+    return _edit(s, ModelPolicy, policy_id, "policy", changes, actor)
 
 
 def delete_policy(s: Session, policy_id: int, actor: str) -> None:
-    policy = get_or_404(s, ModelPolicy, policy_id, "policy")
-    before = snapshot_row(policy)
-    s.delete(policy)
-    save(s, action="delete", entity="policy", row=policy, before=before, actor=actor)
+    _remove(s, ModelPolicy, policy_id, "policy", actor)

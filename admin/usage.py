@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy import case, func
-from sqlmodel import Session, select
+from sqlmodel import Session, SQLModel, select
 
 from admin.deps import FilterId, db_session, require_admin
 from admin.schemas import TextFilter, UtcDateTime
@@ -37,19 +39,22 @@ def usage(since: UtcDateTime | None = None, until: UtcDateTime | None = None, te
     return {"object": "list", "data": rows}
 
 
+def _newest(s: Session, model: type[SQLModel], limit: int, **filters: Any) -> dict:
+    """The newest rows first; a filter left as None does not filter."""
+    query = select(model).order_by(model.id.desc()).limit(limit)
+    for column, value in filters.items():
+        if value is not None:
+            query = query.where(getattr(model, column) == value)
+    return {"object": "list", "data": [row.model_dump(mode="json") for row in s.exec(query).all()]}
+
+
 @router.get("/logs")
 def logs(limit: int = Query(100, ge=1, le=1000), tenant_id: FilterId = None,
          s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
-    query = select(RequestLog).order_by(RequestLog.id.desc()).limit(limit)
-    if tenant_id is not None:
-        query = query.where(RequestLog.tenant_id == tenant_id)
-    return {"object": "list", "data": [r.model_dump(mode="json") for r in s.exec(query).all()]}
+    return _newest(s, RequestLog, limit, tenant_id=tenant_id)
 
 
 @router.get("/audit")
 def audit(limit: int = Query(100, ge=1, le=1000), entity: TextFilter = None,
           s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
-    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
-    if entity is not None:
-        query = query.where(AuditEvent.entity == entity)
-    return {"object": "list", "data": [e.model_dump(mode="json") for e in s.exec(query).all()]}
+    return _newest(s, AuditEvent, limit, entity=entity)

@@ -17,6 +17,7 @@ from sqlmodel import Session
 from backends.wire.body_limit import BodyLimit
 from channels.base import Channel
 from channels.litellm_base import warm_up
+from channels.registry import channel_types
 from relay import __version__, config_state
 from relay.accounting import Accounting
 from relay.api import router as openai_router
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        channel_types()  # two plugins claiming one channel type name stop the start, with both named
         engine = make_engine(settings.database_url)
         box = resolve_box(settings.database_url, settings.secret_key, settings.secret_key_file)
         try:

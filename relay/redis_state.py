@@ -26,7 +26,7 @@ class RedisState:
         # The read timeout is generous for the same reason: under a burst this process's own event loop can be
         # late to read an answer Redis sent at once. A Redis that is gone refuses connections at once anyway.
         self.client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=256, timeout=2.0, socket_connect_timeout=0.25, socket_timeout=2.0,
+            url, max_connections=256, timeout=2.0, socket_connect_timeout=0.25, socket_timeout=3.0,
             health_check_interval=0)) if url else None
         self.errors = 0
         self._down_until = 0.0

@@ -1,6 +1,6 @@
-"""Channel selection: the highest priority tier first, weighted random order inside a tier.
-Failover across the list and circuit breaking arrive with the routing issue; the pipeline already
-walks the list this returns."""
+"""Channel order for one request: the highest priority tier first, weighted random order inside a tier. The
+pipeline walks this list (retrying a channel `retries` times, then failing over); relay.circuit takes out the
+channels that are cooling down."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Request logs and token usage, written to the database in batches off the request path.
 
-Quota checks read `used()`: the database's count at the last flush plus what this process has
-served since. Cross-process enforcement through Redis arrives with the rate-limit issue."""
+The totals (`tenant_used`, `key_used`) are the database's count at the last flush plus what this process has
+served since: relay.quota uses them as the floor of its shared counters. If the database is away, logs and
+totals wait in memory and are written when it returns."""
 
 from __future__ import annotations
 

@@ -166,3 +166,16 @@ def test_nested_channel_secrets_are_redacted(relay, upstream):
     for body in (created, relay.ok("GET", f"/admin/channels/{created['id']}"), relay.ok("GET", "/admin/audit")):
         assert "PROVIDERSECRET" not in str(body)
     relay.ok("DELETE", f"/admin/channels/{created['id']}")
+
+
+def test_capabilities_are_typed_and_shown_as_they_apply(relay, upstream):
+    name = f"caps-{_uid()}"
+    refused = relay.admin("POST", "/admin/channels", {"name": name, "type": "openai", "base_url": upstream[1],
+                                                       "models": [name], "capabilities": {"telepathy": True}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"].startswith("capabilities")
+    plain = add_fake_channel(relay, upstream[1], name, [name])
+    assert plain["capabilities"] == {"seeded_determinism": False, "stream_usage": True}  # the type's defaults
+    seeded = relay.ok("PATCH", f"/admin/channels/{plain['id']}", {"capabilities": {"seeded_determinism": True}})
+    assert seeded["capabilities"] == {"seeded_determinism": True, "stream_usage": True}
+    local = relay.ok("POST", "/admin/channels", {"name": f"local-{_uid()}", "type": "local", "models": [_uid()]})
+    assert local["capabilities"]["seeded_determinism"] is True  # what the local worker declares

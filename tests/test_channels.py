@@ -91,3 +91,21 @@ def test_an_argument_the_sdk_refuses_is_the_requests_400(upstream, calls):
     error = asyncio.run(call())
     assert (error.status, error.retryable, error.param) == (400, False, "tools")
     assert calls == []
+
+
+def test_a_plugin_cannot_take_a_builtin_channel_types_name(tmp_path):
+    """A third-party package whose entry point reuses `openai` is refused at start, naming both targets."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    dist = tmp_path / "shadowing_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shadowing-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[policy_relay.channels]\nopenai = shadowing_plugin:Impostor\n")
+    result = subprocess.run([sys.executable, "-c", "from channels.registry import channel_types; channel_types()"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    assert "two channel types are named 'openai'" in result.stderr and "shadowing_plugin:Impostor" in result.stderr

@@ -144,14 +144,19 @@ def test_postgres_without_a_key_refuses_to_start():
     assert refused.returncode == 2 and "Set RELAY_SECRET_KEY" in refused.stderr
 
 
-def test_the_migration_encrypts_existing_plaintext_secrets(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    db.upgrade(url, "0002")
-    with sqlite3.connect(tmp_path / "old.db") as conn:
+def _plaintext_channel(path, options: dict) -> None:
+    """A channel row as versions before encryption wrote it (api_key 'plain-key')."""
+    with sqlite3.connect(path) as conn:
         conn.execute("INSERT INTO channels (name, type, api_key, models, model_mapping, priority, weight, status, "
                      "timeout_s, retries, options, capabilities, created_at, updated_at) VALUES ('c', 'openai', "
                      "'plain-key', '[\"m\"]', '{}', 0, 1, 'enabled', 60, 0, ?, '{}', '2026-01-01', '2026-01-01')",
-                     (json.dumps({"aws_secret_access_key": "S3SECRET"}),))
+                     (json.dumps(options),))
+
+
+def test_the_migration_encrypts_existing_plaintext_secrets(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    db.upgrade(url, "0002")
+    _plaintext_channel(tmp_path / "old.db", {"aws_secret_access_key": "S3SECRET"})
     monkeypatch.setenv("RELAY_SECRET_KEY", SECRET_KEY)
     db.upgrade(url)
     with sqlite3.connect(tmp_path / "old.db") as conn:
@@ -202,10 +207,7 @@ def test_a_database_encrypted_with_another_key_is_refused(tmp_path, monkeypatch)
     """Migrated (and encrypted) with key A; a first start with key B must be refused, not pin B."""
     url = f"sqlite:///{tmp_path / 'a.db'}"
     db.upgrade(url, "0002")
-    with sqlite3.connect(tmp_path / "a.db") as conn:
-        conn.execute("INSERT INTO channels (name, type, api_key, models, model_mapping, priority, weight, status, "
-                     "timeout_s, retries, options, capabilities, created_at, updated_at) VALUES ('c', 'openai', "
-                     "'plain-key', '[\"m\"]', '{}', 0, 1, 'enabled', 60, 0, '{}', '{}', '2026-01-01', '2026-01-01')")
+    _plaintext_channel(tmp_path / "a.db", {})
     monkeypatch.setenv("RELAY_SECRET_KEY", SECRET_KEY)
     db.upgrade(url)
     from relay.secrets import new_key

@@ -36,10 +36,14 @@ def test_workers_share_configuration_edits(tmp_path, upstream):
                 relay.client(key["key"]).chat.completions.create(**ask)
 
 
-def _cli(url: str, *args: str) -> dict:
+def _run_cli(url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RELAY_DATABASE_URL": url}
-    result = subprocess.run([sys.executable, "-m", "admin.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "admin.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _cli(url: str, *args: str) -> dict:
+    result = _run_cli(url, *args)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -53,6 +57,13 @@ def test_shell_commands_set_up_a_working_key(tmp_path, upstream):
          "--models", "shell-model,other", "--model-mapping", '{"shell-model": "mapped"}')
     key = _cli(url, "key", "create", "--tenant", "shell-tenant", "--models", "shell-model")
     assert key["tenant_id"] == tenant["id"] and key["key"].startswith("sk-")
+    # The shell goes through the same service as the admin API: validated, refused cleanly, audited.
+    duplicate = _run_cli(url, "tenant", "create", "shell-tenant")
+    assert duplicate.returncode == 1 and "conflicts" in duplicate.stderr and "Traceback" not in duplicate.stderr
+    bad = _run_cli(url, "channel", "add", "--name", "bad", "--base-url", "http://x:99999", "--models", "m")
+    assert bad.returncode == 1 and "port" in bad.stderr and "Traceback" not in bad.stderr
+    revoked = _cli(url, "key", "create", "--tenant", str(tenant["id"]))
+    assert _cli(url, "key", "revoke", str(revoked["id"]))["status"] == "revoked"
     # The CLI encrypted the channel's key with the key file it made beside the database: the relay uses it too.
     with run_relay(url, tmp_path, env={"RELAY_TRUSTED_PROXIES": "", "RELAY_SECRET_KEY": ""}) as relay:
         answer = relay.client(key["key"]).chat.completions.create(
@@ -63,6 +74,9 @@ def test_shell_commands_set_up_a_working_key(tmp_path, upstream):
         forged = relay.client(far["key"], default_headers={"X-Forwarded-For": "10.1.2.3"})
         with pytest.raises(openai.PermissionDeniedError):
             forged.chat.completions.create(model="shell-model", messages=[{"role": "user", "content": "hi"}])
+        actors = {(e["actor"], e["entity"], e["action"]) for e in relay.ok("GET", "/admin/audit?limit=1000")["data"]}
+        assert {("cli", "tenant", "create"), ("cli", "channel", "create"), ("cli", "api_key", "create"),
+                ("cli", "api_key", "revoke")} <= actors
 
 
 def test_serve_with_worker_answers_offline(tmp_path):
@@ -82,6 +96,8 @@ def test_serve_with_worker_answers_offline(tmp_path):
                                                      stream_options={"include_usage": True}))
         assert chunks[-1].usage.completion_tokens == 5
         assert [c.id for c in client.models.list()] == ["tiny-qwen2"]
+        actors = {(e["actor"], e["entity"]) for e in relay.ok("GET", "/admin/audit")["data"]}
+        assert {("bootstrap", "tenant"), ("bootstrap", "api_key"), ("bootstrap", "channel")} <= actors
     # The gateway is gone (SIGTERM): its worker must not stay behind holding the model.
     deadline = time.time() + 15
     while time.time() < deadline:

@@ -147,3 +147,14 @@ def test_killing_a_channel_under_load_loses_no_request(relay):
     finally:
         for server in servers:
             server.kill()
+
+
+def test_retries_try_the_same_channel_before_failing_over(relay, upstream, calls):
+    """`retries: 2` on a channel whose upstream fails: three tries there, then the next channel."""
+    model = _model()
+    add_fake_channel(relay, upstream[1], f"retrying-{model}", [model], priority=10, retries=2,
+                     model_mapping={model: "fail-503"})
+    add_fake_channel(relay, upstream[1], f"ok-{model}", [model], priority=0)
+    response = _ask(relay, relay.new_key()["key"], model, stream=False)
+    assert response.status_code == 200 and response.headers["x-relay-channel"] == f"ok-{model}"
+    assert [c["body"]["model"] for c in calls] == ["fail-503"] * 3 + [model]
