@@ -66,13 +66,14 @@ class UpstreamError(Exception):
     """A failure talking to the channel, already classified for routing and for the client."""
 
     def __init__(self, status: int, message: str, *, retryable: bool, kind: str = "upstream_error",
-                 param: str | None = None) -> None:
+                 param: str | None = None, type: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retryable = retryable  # connect errors, timeouts, 429 and 5xx; never 4xx client errors
         self.kind = kind
-        self.param = param  # the request field an upstream 4xx names, when it names one
+        # An upstream 4xx's own error fields, passed on to the client as the upstream gave them.
+        self.param, self.type, self.code = param, type, code
 
 
 class Channel(ABC):

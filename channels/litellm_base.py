@@ -23,7 +23,8 @@ import litellm  # noqa: E402
 import openai  # noqa: E402
 from litellm.litellm_core_utils import litellm_logging  # noqa: E402
 
-from channels.base import ONE_API_DISABLE_WORDS, OPENAI_FIELDS, Channel, UpstreamError  # noqa: E402
+from channels import errors  # noqa: E402
+from channels.base import OPENAI_FIELDS, Channel, UpstreamError  # noqa: E402
 
 litellm.telemetry = False
 litellm.suppress_debug_info = True
@@ -89,44 +90,21 @@ _TIMEOUTS = (litellm.Timeout, openai.APITimeoutError, TimeoutError, httpx.Timeou
 _NETWORK = (ConnectionError, socket.gaierror, httpx.TransportError, aiohttp.ClientConnectionError)
 
 
-# Error codes (or types) with which an upstream says the relay's own key is bad, not the request.
-CREDENTIAL_CODES = frozenset({"invalid_api_key", "account_deactivated", "invalid_authentication",
-                              "authentication_error", "invalid_organization", "organization_deactivated"})
-
-
 def classify(exc: Exception) -> UpstreamError:
-    """Map litellm/openai exceptions to retryable-or-not upstream errors. Messages are ours, so a
-    provider's words about credit or balance never reach ONE API (it would disable this relay)."""
-    status = getattr(exc, "status_code", None)
+    """litellm/openai exceptions as upstream errors (channels.errors decides what each status means)."""
     chain = _causes(exc)
     if any(isinstance(e, _TIMEOUTS) for e in chain):
-        return UpstreamError(504, "The upstream channel timed out.", retryable=True, kind="timeout")
+        return errors.timeout()
     # litellm reports a refused connection as a 500 "InternalServerError"; the cause chain knows better.
     if any(isinstance(e, _NETWORK) for e in chain):
-        return UpstreamError(502, "Could not connect to the upstream channel.", retryable=True,
-                             kind="connect_error")
+        return errors.unreachable()
     unsendable = _unsendable(exc, chain)
     if unsendable is not None:
         return unsendable
-    if isinstance(exc, litellm.ContextWindowExceededError | litellm.UnsupportedParamsError) or status in (
-            400, 413, 422):
-        return UpstreamError(400, _provider_message(exc), retryable=False, kind="invalid_request_error",
-                             param=_provider_error(exc).get("param"))
-    if status == 401 or (status == 403 and _is_credential_error(exc)):
-        return UpstreamError(502, "The upstream channel rejected the relay's credentials.", retryable=True,
-                             kind="upstream_auth")
-    if status == 403:
-        # About this request (a model or feature the relay's key may not use): the client's 4xx, and no
-        # reason to doubt the channel.
-        return UpstreamError(403, f"The upstream refused this request: {_provider_message(exc)}",
-                             retryable=False, kind="upstream_forbidden")
-    if status == 404:
-        return UpstreamError(502, "The upstream channel does not serve this model.", retryable=True,
-                             kind="upstream_not_found")
-    if status == 429:
-        return UpstreamError(429, "The upstream channel is busy; retry shortly.", retryable=True,
-                             kind="upstream_rate_limited")
-    return UpstreamError(502, f"The upstream channel failed (status {status or 'unknown'}).", retryable=True)
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, litellm.ContextWindowExceededError | litellm.UnsupportedParamsError):
+        status = 400
+    return errors.from_status(status, _provider_error(exc), _provider_text(exc))
 
 
 def _unsendable(exc: Exception, chain: list[BaseException]) -> UpstreamError | None:
@@ -158,11 +136,6 @@ def _provider_error(exc: Exception) -> dict[str, Any]:
     return {}
 
 
-def _is_credential_error(exc: Exception) -> bool:
-    error = _provider_error(exc)
-    return bool({str(error.get("code")), str(error.get("type"))} & CREDENTIAL_CODES)
-
-
 def _causes(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     current: BaseException | None = exc
@@ -172,17 +145,12 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _provider_message(exc: Exception) -> str:
-    """The provider's own message (unwrapped from litellm's prefixes and JSON), unless it carries words
-    that would make ONE API disable this relay."""
-    message = _provider_error(exc).get("message")
-    text = message if isinstance(message, str) else str(getattr(exc, "message", None) or exc)
+def _provider_text(exc: Exception) -> str:
+    """litellm's message without its own prefixes ("litellm.BadRequestError: OpenAIException - ...")."""
+    text = str(getattr(exc, "message", None) or exc)
     for marker in ("Exception - ", "Error: "):
-        if marker in text and not isinstance(message, str):
+        if marker in text:
             text = text.split(marker, 1)[1]
-    text = (text.strip().splitlines() or [""])[0][:500]
-    if not text or any(word in text.lower() for word in ONE_API_DISABLE_WORDS):
-        return "The upstream rejected the request."
     return text
 
 

@@ -1,5 +1,6 @@
-"""Channel type `local`: a backends/ worker (`policy-relay worker`), which speaks OpenAI's protocol.
-Its seeded sampling is reproducible (a per-request torch.Generator), which the cache relies on."""
+"""Channel type `local`: a backends/ worker (`policy-relay worker`), which speaks OpenAI's protocol: it goes
+through the direct OpenAI client like any `openai` channel. Its seeded sampling is reproducible (a
+per-request torch.Generator), which the cache relies on."""
 
 from __future__ import annotations
 
@@ -14,8 +15,5 @@ class LocalChannel(OpenAIChannel):
     default_capabilities = ChannelCapabilities(seeded_determinism=True)
 
     @property
-    def base(self) -> str:
+    def api_root(self) -> str:
         return api_base(self.config.base_url or DEFAULT_WORKER_URL)
-
-    def connection_kwargs(self) -> dict:
-        return {**super().connection_kwargs(), "api_base": self.base}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from channels.litellm_base import LiteLLMChannel
+from channels.openai_http import OpenAIClient
+
+DIRECT_OPTIONS = frozenset({"extra_headers"})  # what the direct client understands; anything else: litellm
 
 
 def api_base(base_url: str) -> str:
@@ -16,12 +20,47 @@ def api_base(base_url: str) -> str:
 
 
 class OpenAIChannel(LiteLLMChannel):
-    """By default litellm's `hosted_vllm` route: its own aiohttp client speaking OpenAI's wire format,
-    half the CPU of its `openai` route (which goes through the OpenAI SDK). That route drops `strict`
-    and `additionalProperties` from tool schemas; `options.litellm_provider: "openai"` picks the SDK
-    route for upstreams that honour strict tools (api.openai.com)."""
+    """Requests go straight to the upstream with the direct OpenAI client (channels.openai_http): one hop less
+    than litellm and nothing lost in translation. A channel whose `options` name litellm settings (other than
+    `extra_headers`), or `litellm_provider` (e.g. "openai" for the OpenAI SDK route, "hosted_vllm"), is sent
+    through litellm instead."""
 
     type_name = "openai"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        options = self.config.options
+        self.direct = set(options) <= DIRECT_OPTIONS
+        self.client = OpenAIClient(self.api_root, self.config.api_key, self.config.timeout_s,
+                                   headers=options.get("extra_headers") or {}) if self.direct else None
+
+    @property
+    def api_root(self) -> str:
+        return api_base(self.config.base_url or "https://api.openai.com")
+
+    # --- the direct route ---------------------------------------------------------------------------------
+
+    async def chat(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.client is None:
+            return await super().chat(request)
+        return await self.client.post("/chat/completions", _without_relay_fields(request))
+
+    def chat_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if self.client is None:
+            return super().chat_stream(request)
+        return self.client.stream("/chat/completions", _without_relay_fields(request))
+
+    async def completion(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.client is None:
+            return await super().completion(request)
+        return await self.client.post("/completions", _without_relay_fields(request))
+
+    def completion_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if self.client is None:
+            return super().completion_stream(request)
+        return self.client.stream("/completions", _without_relay_fields(request))
+
+    # --- the litellm route ----------------------------------------------------------------------------------
 
     @property
     def provider(self) -> str:
@@ -37,7 +76,11 @@ class OpenAIChannel(LiteLLMChannel):
 
     def connection_kwargs(self) -> dict[str, Any]:
         kwargs = {k: v for k, v in self.config.options.items() if k != "litellm_provider"}
-        kwargs["api_base"] = api_base(self.config.base_url or "https://api.openai.com")
+        kwargs["api_base"] = self.api_root
         # The openai SDK refuses to start without a key; OpenAI-compatible servers often need none.
         kwargs["api_key"] = self.config.api_key or "none"
         return kwargs
+
+
+def _without_relay_fields(request: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in request.items() if k != "metadata"}  # relay hints (metadata.task) stay here

@@ -17,6 +17,7 @@ from sqlmodel import Session
 from backends.wire.body_limit import BodyLimit
 from channels.base import Channel
 from channels.litellm_base import warm_up
+from channels.openai_http import close_sessions
 from channels.registry import channel_types
 from relay import __version__, config_state
 from relay.accounting import Accounting
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
             await usage.flush()
             await cache.flush_stats()
             await redis_state.close()
+            await close_sessions()
             config_sync.close()
             engine.dispose()
 

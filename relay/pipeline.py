@@ -373,8 +373,9 @@ def _tries(channels: list[Channel], failures: list[UpstreamError]) -> Iterator[C
 
 
 def _client_error(exc: UpstreamError) -> APIError:
-    if exc.status == 400:
-        return APIError(400, exc.message, "invalid_request_error", exc.param, "upstream_rejected")
+    if exc.status == 400:  # the upstream's own error, as it gave it
+        return APIError(400, exc.message, exc.type or "invalid_request_error", exc.param,
+                        exc.code or "upstream_rejected")
     if exc.status == 403:
         return APIError(403, exc.message, "invalid_request_error", exc.param, exc.kind)
     if exc.status == 429:

@@ -47,12 +47,22 @@ def test_provider_words_never_reach_the_client(relay, upstream):
         assert not any(word in response.text.lower() for word in ONE_API_DISABLE_WORDS), response.text
 
 
-def test_body_litellm_cannot_translate_is_400_not_retried(relay, calls):
+def test_body_litellm_cannot_translate_is_400_not_retried(relay, upstream, calls):
+    """A channel through litellm (a provider it translates for) refuses what it cannot translate before sending
+    anything; an OpenAI-compatible channel sends the body as it is, for the upstream to judge."""
+    model = f"lt-{uuid.uuid4().hex[:8]}"
+    relay.ok("POST", "/admin/channels", {"name": model, "type": "litellm", "models": [model],
+                                         "base_url": upstream[1] + "/v1", "api_key": "upstream-secret",
+                                         "options": {"model": "openai/lt-upstream"}})
     key = relay.new_key()["key"]
+    odd = [{"role": "user", "content": [{"foo": 1}]}]
     response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
-                          json={"model": "gpt-x", "messages": [{"role": "user", "content": [{"foo": 1}]}]})
+                          json={"model": model, "messages": odd})
     assert response.status_code == 400, response.text
     assert calls == []
+    direct = httpx.post(relay.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                        json={"model": "gpt-x", "messages": odd})
+    assert direct.status_code == 200 and calls[-1]["body"]["messages"] == odd
 
 
 def test_client_fields_cannot_steer_litellm(relay, upstream, calls):

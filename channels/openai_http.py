@@ -1,0 +1,112 @@
+"""A direct client for upstreams that speak OpenAI's protocol (channel types `openai` and `local`): the request
+goes as the relay built it, the answer comes back as the upstream wrote it, and a stream is read event by
+event. Nothing is translated, so whatever such an upstream takes reaches it unchanged — token-id prompts,
+`echo`, vLLM's extras, strict tool schemas — and its 4xx errors come back with their own fields.
+Providers that do not speak OpenAI's protocol go through litellm (channels.litellm_base)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from channels import errors
+from channels.base import UpstreamError
+
+_MAX_ERROR_BODY = 64 * 1024
+_sessions: dict[int, aiohttp.ClientSession] = {}  # one connection pool per event loop (per process)
+
+
+def _session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(id(loop))
+    if session is None or session.closed:
+        # limit=0: concurrency is bounded by the relay's own admission, not by a pool nobody sized
+        session = _sessions[id(loop)] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True))
+    return session
+
+
+async def close_sessions() -> None:
+    for key, session in list(_sessions.items()):
+        with contextlib.suppress(Exception):
+            await session.close()
+        _sessions.pop(key, None)
+
+
+class OpenAIClient:
+    def __init__(self, api_base: str, api_key: str | None, timeout_s: float,
+                 headers: dict[str, str] | None = None) -> None:
+        self.api_base = api_base.rstrip("/")
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout_s = timeout_s
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        try:
+            async with _session().post(self.api_base + path, data=orjson.dumps(body), headers=self.headers,
+                                       timeout=timeout) as response:
+                if response.status >= 400:
+                    raise await _failure(response)
+                data = orjson.loads(await response.read())
+        except UpstreamError:
+            raise
+        except TimeoutError:
+            raise errors.timeout() from None
+        except (aiohttp.ClientConnectionError, OSError):
+            raise errors.unreachable() from None
+        except (orjson.JSONDecodeError, aiohttp.ClientError):
+            raise UpstreamError(502, "The upstream channel sent an answer that is not JSON.", retryable=True) from None
+        if not isinstance(data, dict):
+            raise UpstreamError(502, "The upstream channel sent an answer that is not a JSON object.", retryable=True)
+        return data
+
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The upstream's events as dicts. Closing this generator closes the upstream connection, so a client
+        that goes away stops the generation upstream too."""
+        # No total time for a stream: the timeout bounds connecting and each wait for the next bytes.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
+        try:
+            async with _session().post(self.api_base + path, data=orjson.dumps(body), headers=self.headers,
+                                       timeout=timeout) as response:
+                if response.status >= 400:
+                    raise await _failure(response)
+                async for line in response.content:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, `event:` names and `:` comments carry nothing here
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    event = orjson.loads(data)
+                    if isinstance(event, dict) and "error" in event and not event.get("choices"):
+                        error = event["error"] if isinstance(event["error"], dict) else {}
+                        message = errors.safe_message(error.get("message"))
+                        raise UpstreamError(502, f"The upstream stream failed: {message}", retryable=True,
+                                            kind="stream_error")
+                    yield event
+        except UpstreamError:
+            raise
+        except TimeoutError:
+            raise errors.timeout() from None
+        except (aiohttp.ClientConnectionError, OSError):
+            raise errors.unreachable() from None
+        except (orjson.JSONDecodeError, aiohttp.ClientError, ValueError):
+            raise UpstreamError(502, "The upstream stream broke off.", retryable=True, kind="stream_error") from None
+
+
+async def _failure(response: aiohttp.ClientResponse) -> UpstreamError:
+    raw = await response.content.read(_MAX_ERROR_BODY)
+    error: dict[str, Any] = {}
+    with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+        data = orjson.loads(raw)
+        error = data.get("error", data) if isinstance(data, dict) else {}
+        if isinstance(error, str):  # some servers send {"error": "text"}
+            error = {"message": error}
+    return errors.from_status(response.status, error if isinstance(error, dict) else {},
+                              raw.decode("utf-8", "replace"))
