@@ -94,6 +94,11 @@ class UsageRecorder:
             except Exception as exc:
                 self._restore(tenant_delta, key_delta)  # logs are in; only the totals are retried
                 log.warning("usage totals update failed, will retry: %s", str(exc).splitlines()[0][:300])
+                return len(logs)
+            try:
+                await asyncio.to_thread(self._refresh_totals)
+            except Exception as exc:  # the totals are written: only the copy held here is stale for now
+                log.warning("reading usage totals failed: %s", str(exc).splitlines()[0][:300])
             return len(logs)
 
     def _restore(self, tenant_delta: dict[int, int], key_delta: dict[int, int]) -> None:
@@ -112,12 +117,16 @@ class UsageRecorder:
                 s.execute(update(ApiKey).where(ApiKey.id == kid)
                           .values(used_tokens=ApiKey.used_tokens + n, last_used_at=now))
             s.commit()
-            # Fresh totals, including what other gateway processes have written.
+
+    def _refresh_totals(self) -> None:
+        """Fresh totals, including what other gateway processes have written (and this one's last deltas,
+        which stop counting separately once they are in)."""
+        with Session(self.engine) as s:
             self._tenant_used = dict(s.exec(select(Tenant.id, Tenant.used_tokens)
                                             .where(Tenant.token_quota.is_not(None))).all())
             self._key_used = dict(s.exec(select(ApiKey.id, ApiKey.used_tokens)
                                          .where(ApiKey.token_quota.is_not(None))).all())
-            self._inflight_tenant, self._inflight_key = {}, {}
+        self._inflight_tenant, self._inflight_key = {}, {}
 
     def _insert_logs(self, logs: list[dict[str, Any]]) -> None:
         """One batch insert; if the batch fails, row by row, dropping (and reporting) only the rows the
