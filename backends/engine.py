@@ -1,9 +1,11 @@
-"""Continuous batching: one thread owns the model; requests join the running batch between decode
-steps and leave it when they finish, so a long request never holds a short one back.
+"""Continuous batching: one thread owns the model; requests join the running batch between decode steps and
+leave it when they finish, so a long request never holds a short one back.
 
-The batch's KV cache is kept left-padded: per layer keys/values [B, H, T, D] plus an attention mask
-[B, T] (0 on padding) and a position per row. New requests are prefilled together, then their caches
-are padded to the batch's T (or the batch to theirs) and concatenated on the batch dimension."""
+The batch's KV cache is kept left-padded: per layer keys/values [B, H, T, D] plus an attention mask [B, T] (0 on
+padding) and a position per row. New requests are prefilled together, then their caches are padded to the
+batch's T (or the batch to theirs) and concatenated on the batch dimension. A request that scores its prompt
+(prompt logprobs, echo) is prefilled alone with every position's logits. Constrained rows (backends.grammar)
+have their disallowed tokens masked before sampling."""
 
 from __future__ import annotations
 
@@ -13,30 +15,34 @@ import logging
 import queue
 import secrets
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import xgrammar as xgr
 from transformers import DynamicCache
 
+from backends.grammar import Grammars, OpenStructures
 from backends.loading import LoadedModel
+from backends.prefix_cache import PrefixCache
 from backends.sampler import SamplerStats, SamplingParams, logprobs, sample
+from backends.text import TextStream
+from backends.vocab import Vocab
 
 log = logging.getLogger("backends.engine")
-
-MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth its own forward
-MAX_CACHED_PREFIX_TOKENS = 8192  # bounds the prefix cache's memory (KV of this many tokens, all entries)
 
 
 @dataclass
 class GenRequest:
     prompt_ids: list[int]
     params: SamplingParams
-    max_tokens: int
+    max_tokens: int  # 0: only score the prompt
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; 0..20: that many alternatives per token
     seed: int | None = None
+    grammar: xgr.CompiledGrammar | None = None  # constrained decoding
+    constraint: Any = None  # what the grammar was compiled from (closing mode reads its required keys)
+    prompt_logprobs: int | None = None  # score the prompt, with this many alternatives per token
     cancelled: bool = False
     # filled by submit(): where the engine thread delivers events
     loop: asyncio.AbstractEventLoop | None = None
@@ -46,7 +52,12 @@ class GenRequest:
 @dataclass
 class TokenEvent:
     text: str  # new text, already cut at a stop string
-    tokens: list[dict[str, Any]]  # per generated token: id, text, logprob, top [(text, logprob)]
+    tokens: list[dict[str, Any]]  # per generated token: id, logprob, top [(id, logprob)]
+
+
+@dataclass
+class PromptEvent:
+    tokens: list[dict[str, Any]]  # per prompt token: id, logprob (None for the first), top [(id, logprob)]
 
 
 @dataclass
@@ -61,13 +72,18 @@ class _Row:
     req: GenRequest
     generator: torch.Generator
     position: int  # position id of the next input token
+    text: TextStream
     output_ids: list[int] = field(default_factory=list)
-    sent_chars: int = 0
+    matcher: xgr.GrammarMatcher | None = None
+    open: OpenStructures | None = None  # for closing mode, when the grammar is JSON
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: int = 4096) -> None:
+    def __init__(self, lm: LoadedModel, grammars: Grammars | None = None, max_batch: int = 32,
+                 max_prefill_tokens: int = 4096) -> None:
         self.lm = lm
+        self.vocab = lm.model.get_output_embeddings().weight.shape[0]
+        self.grammars = grammars or Grammars(Vocab(lm.tokenizer, self.vocab), sorted(lm.eos_token_ids))
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.stats = SamplerStats()
@@ -75,11 +91,11 @@ class Engine:
         self._rows: list[_Row] = []
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=lm.device)  # [B, T]
-        vocab = lm.model.get_output_embeddings().weight.shape[0]
-        self._counts = torch.zeros(0, vocab, dtype=torch.float32, device=lm.device)  # [B, V]
-        self._seen = torch.zeros(0, vocab, dtype=torch.bool, device=lm.device)  # [B, V]
+        self._counts = torch.zeros(0, self.vocab, dtype=torch.float32, device=lm.device)  # [B, V]
+        self._seen = torch.zeros(0, self.vocab, dtype=torch.bool, device=lm.device)  # [B, V]
+        self._bitmask = xgr.allocate_token_bitmask(max_batch, self.vocab)  # [max_batch, ceil(V / 32)] int32
         self._pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._prefixes = PrefixCache(self._forward_alone)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.steps = 0
@@ -111,11 +127,15 @@ class Engine:
         while not self._stop.is_set():
             new = self._take_waiting(block=not self._rows)
             try:
-                if new:
-                    self._prefill(new)
+                scoring = [r for r in new if r.prompt_logprobs is not None]
+                for req in scoring:  # alone: they need every position's logits
+                    self._prefill_scoring(req)
+                plain = [r for r in new if r.prompt_logprobs is None]
+                if plain:
+                    self._prefill(plain)
                 if self._rows:
                     self._decode_step()
-            except Exception as exc:  # a failed step fails its requests, never the worker
+            except Exception as exc:  # a failed forward fails the batch's requests, never the worker
                 log.exception("engine step failed")
                 failed = {id(row.req) for row in self._rows}
                 for row in self._rows:
@@ -147,27 +167,38 @@ class Engine:
         return taken
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, list]:
+                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None, every_position: bool = False,
+                 ) -> tuple[torch.Tensor, list]:
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
         # logits_to_keep=1: only the last position's logits are needed; skips most of the output layer.
         out = self.lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1)
+                            use_cache=True, logits_to_keep=0 if every_position else 1)
         new_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return out.logits[:, -1, :].float(), new_kv  # [B, V] fp32
+        logits = out.logits.float()  # [B, S or 1, V] fp32
+        return (logits if every_position else logits[:, -1, :]), new_kv
+
+    def _forward_alone(self, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """KV of one sequence computed alone ([1, H, L, D] per layer)."""
+        batch = torch.tensor([ids], dtype=torch.long, device=self.lm.device)
+        ones = torch.ones_like(batch)
+        return self._forward(batch, ones, (ones.cumsum(-1) - 1), None)[1]
+
+    def _new_row(self, req: GenRequest) -> _Row:
+        gen = torch.Generator(device=self.lm.device)
+        # Any integer seed works (OpenAI's are int64, some clients send uint64); unseeded requests draw from the
+        # OS, not from the global torch RNG that model construction seeded.
+        gen.manual_seed(req.seed % 2**64 if req.seed is not None else secrets.randbits(63))
+        matcher = self.grammars.matcher(req.grammar) if req.grammar is not None else None
+        return _Row(req, gen, position=len(req.prompt_ids), text=TextStream(self.lm.tokenizer, req.stop),
+                    matcher=matcher, open=OpenStructures(req.constraint)
+                    if matcher is not None and req.constraint is not None and req.constraint.json_like else None)
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
         """One forward for all new prompts. A prefix they share (the chat template's system part, say) is
         computed once, kept in a small cache, and only the rest of each prompt runs batched:
         row layout [shared prefix P][left padding][own suffix]."""
         dev = self.lm.device
-        generators = {}
-        for r in reqs:
-            gen = torch.Generator(device=dev)
-            # Any integer seed works (OpenAI's are int64, some clients send uint64); unseeded requests draw
-            # from the OS, not from the global torch RNG that model construction seeded.
-            gen.manual_seed(r.seed % 2**64 if r.seed is not None else secrets.randbits(63))
-            generators[id(r)] = gen
-        shared = self._shared_prefix([r.prompt_ids for r in reqs])
+        shared = self._prefixes.shared([r.prompt_ids for r in reqs])
         suffixes = [r.prompt_ids[len(shared):] for r in reqs]
         width = max(len(x) for x in suffixes)
         ids = torch.full((len(reqs), width), self._pad_id, dtype=torch.long, device=dev)  # [k, S] left-padded
@@ -181,43 +212,42 @@ class Engine:
         if shared:
             mask = torch.cat([torch.ones(len(reqs), len(shared), dtype=torch.long, device=dev), own], dim=1)
             kv = [(k.expand(len(reqs), -1, -1, -1).contiguous(), v.expand(len(reqs), -1, -1, -1).contiguous())
-                  for k, v in self._prefix_kv(shared)]
+                  for k, v in self._prefixes.kv(shared)]
         logits, kv = self._forward(ids, mask, positions, kv)
-        rows = [_Row(r, generators[id(r)], position=len(r.prompt_ids)) for r in reqs]
-        seen = torch.zeros(len(reqs), self._seen.shape[1], dtype=torch.bool, device=dev)
-        for i, r in enumerate(reqs):
-            seen[i, torch.tensor(r.prompt_ids, device=dev)] = True
+        self._join([self._new_row(r) for r in reqs], logits, kv, mask)
+
+    def _prefill_scoring(self, req: GenRequest) -> None:
+        """The prompt alone, every position's logits kept: each prompt token's logprob (and top alternatives)
+        under the tokens before it, as a teacher-forced forward gives them."""
+        dev = self.lm.device
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=dev)  # [1, L]
+        mask = torch.ones_like(ids)
+        logits, kv = self._forward(ids, mask, (mask.cumsum(-1) - 1), None, every_position=True)  # [1, L, V]
+        lp = logprobs(logits[0, :-1])  # [L-1, V]: position i predicts token i+1
+        targets = torch.tensor(req.prompt_ids[1:], dtype=torch.long, device=dev)
+        chosen = lp.gather(1, targets[:, None])[:, 0] if len(targets) else lp[:0, 0]
+        k = req.prompt_logprobs or 0
+        top = torch.topk(lp, k) if k and len(targets) else None
+        ranks = (lp > chosen[:, None]).sum(dim=-1) + 1 if len(targets) else chosen.long()  # 1: the likeliest
+        tokens: list[dict[str, Any]] = [{"id": req.prompt_ids[0], "logprob": None}]
+        for i, token in enumerate(req.prompt_ids[1:]):
+            entry = {"id": token, "logprob": float(chosen[i]), "rank": int(ranks[i])}
+            if top is not None:
+                entry["top"] = [(int(t), float(v)) for v, t in zip(top.values[i], top.indices[i], strict=True)]
+            tokens.append(entry)
+        self._emit(req, PromptEvent(tokens))
+        if req.max_tokens <= 0:
+            self._emit(req, DoneEvent("length", 0))
+            return
+        self._join([self._new_row(req)], logits[:, -1, :], kv, mask)
+
+    def _join(self, rows: list[_Row], logits: torch.Tensor, kv: list, mask: torch.Tensor) -> None:
+        """New rows (their prompts' KV and last logits) join the batch and sample their first token."""
+        seen = torch.zeros(len(rows), self.vocab, dtype=torch.bool, device=self.lm.device)
+        for i, row in enumerate(rows):
+            seen[i, torch.tensor(row.req.prompt_ids, device=self.lm.device)] = True
         self._merge(rows, kv, mask, seen)
         self._sample_and_emit(logits, first=len(self._rows) - len(rows))
-
-    def _shared_prefix(self, prompts: list[list[int]]) -> tuple[int, ...]:
-        """The longest cached prefix of every prompt, or, for several prompts, their longest common prefix
-        when it is long enough to be worth a separate forward. Always leaves each prompt one own token."""
-        limit = min(len(p) for p in prompts) - 1
-        common = 0
-        while common < limit and all(p[common] == prompts[0][common] for p in prompts):
-            common += 1
-        head = tuple(prompts[0][:common])
-        cached = [key for key in self._prefixes if len(key) <= common and head[:len(key)] == key]
-        if cached:
-            best = max(cached, key=len)
-            self._prefixes.move_to_end(best)
-            if len(prompts) == 1 or common - len(best) < MIN_SHARED_PREFIX:
-                return best
-        worth = len(prompts) > 1 and MIN_SHARED_PREFIX <= common <= MAX_CACHED_PREFIX_TOKENS // 4
-        return head if worth else ()
-
-    def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """KV of a prefix ([1, H, P, D] per layer), computed alone and kept (LRU) for later prefills."""
-        if prefix not in self._prefixes:
-            ids = torch.tensor([prefix], dtype=torch.long, device=self.lm.device)
-            ones = torch.ones_like(ids)
-            _, kv = self._forward(ids, ones, (ones.cumsum(-1) - 1), None)
-            self._prefixes[prefix] = kv
-            while sum(map(len, self._prefixes)) > MAX_CACHED_PREFIX_TOKENS and len(self._prefixes) > 1:
-                self._prefixes.popitem(last=False)
-        self._prefixes.move_to_end(prefix)
-        return self._prefixes[prefix]
 
     def _merge(self, rows: list[_Row], kv: list, mask: torch.Tensor, seen: torch.Tensor) -> None:
         if not self._rows:
@@ -229,8 +259,7 @@ class Engine:
                          torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
                         for (k0, v0), (k1, v1) in zip(self._kv, kv, strict=True)]
             self._mask = torch.cat([_left_pad_2d(self._mask, width), _left_pad_2d(mask, width)])
-        self._counts = torch.cat([self._counts, torch.zeros(len(rows), self._counts.shape[1],
-                                                             device=self._counts.device)])
+        self._counts = torch.cat([self._counts, torch.zeros(len(rows), self.vocab, device=self._counts.device)])
         self._seen = torch.cat([self._seen, seen])
         self._rows.extend(rows)
 
@@ -245,59 +274,73 @@ class Engine:
         self.steps += 1
         self._sample_and_emit(logits, first=0)
 
+    def _constrain(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """Masks, in place, what each constrained row's grammar does not allow next; a row near its budget's end
+        keeps only its most closing allowed tokens (backends.grammar)."""
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        if not constrained:
+            return
+        for i in constrained:
+            rows[i].matcher.fill_next_token_bitmask(self._bitmask, i)
+        xgr.apply_token_bitmask_inplace(logits, self._bitmask[:len(rows)].to(logits.device), indices=constrained)
+        for i in constrained:
+            row = rows[i]
+            left = row.req.max_tokens - len(row.output_ids)
+            needed = row.open.tokens_to_close() if row.open is not None else 4
+            if left <= needed:
+                self.grammars.prefer_closing(logits[i], in_string=row.open is not None and row.open.in_string)
+
     def _sample_and_emit(self, logits: torch.Tensor, first: int) -> None:
         """Sample for rows first.. (a prefill's new rows, or the whole batch), emit, retire finished rows."""
         rows = self._rows[first:]
+        want_lp = [i for i, r in enumerate(rows) if r.req.top_logprobs is not None]
+        lp = logprobs(logits[want_lp]) if want_lp else None  # [b, V], of the raw distribution
+        self._constrain(logits, rows)
         tokens = sample(logits, [r.req.params for r in rows], [r.generator for r in rows],
                         self._counts[first:], self._seen[first:], self.stats)
-        want_lp = [i for i, r in enumerate(rows) if r.req.top_logprobs is not None]
-        lp = logprobs(logits[want_lp]) if want_lp else None  # [b, V]
-        finished: list[int] = []
+        finished: set[int] = set()
         for i, row in enumerate(rows):
             token = int(tokens[i])
-            self._counts[first + i, token] += 1
-            self._seen[first + i, token] = True
-            row.output_ids.append(token)
-            entry = {"id": token}
-            if lp is not None and i in want_lp:
-                lrow = lp[want_lp.index(i)]
-                entry["logprob"] = float(lrow[token])
-                k = row.req.top_logprobs or 0
-                if k:
-                    top = torch.topk(lrow, k)
-                    entry["top"] = [(int(t), float(v)) for v, t in zip(top.values, top.indices, strict=True)]
-            done = self._advance(row, entry)
-            if done:
-                finished.append(first + i)
-        if finished or any(r.req.cancelled for r in self._rows):
-            self._retire(set(finished) | {j for j, r in enumerate(self._rows) if r.req.cancelled})
+            try:  # a row's own trouble (its grammar, its text) ends that row only
+                self._counts[first + i, token] += 1
+                self._seen[first + i, token] = True
+                row.output_ids.append(token)
+                entry: dict[str, Any] = {"id": token}
+                if lp is not None and i in want_lp:
+                    lrow = lp[want_lp.index(i)]
+                    entry["logprob"] = float(lrow[token])
+                    if k := row.req.top_logprobs or 0:
+                        top = torch.topk(lrow, k)
+                        entry["top"] = [(int(t), float(v)) for v, t in zip(top.values, top.indices, strict=True)]
+                if row.matcher is not None and not row.matcher.accept_token(token):
+                    raise RuntimeError(f"the grammar refused token {token}")
+                if self._advance(row, entry):
+                    finished.add(first + i)
+            except Exception as exc:
+                log.exception("a row failed; the others go on")
+                self._emit(row.req, DoneEvent("error", len(row.output_ids), error=str(exc)))
+                finished.add(first + i)
+        gone = finished | {j for j, r in enumerate(self._rows) if r.req.cancelled}
+        if gone:
+            self._retire(gone)
 
     def _advance(self, row: _Row, entry: dict[str, Any]) -> bool:
         """Detokenise, apply stop strings and limits, emit the new text. True when the row is done."""
-        req, tok = row.req, self.lm.tokenizer
-        finish = None
+        req = row.req
         eos = entry["id"] in self.lm.eos_token_ids
         if eos:
-            finish = "stop"
             row.output_ids.pop()  # the end-of-turn token is not part of the answer
-        text = tok.decode(row.output_ids, skip_special_tokens=True)
-        hits = [text.find(s) for s in req.stop if s and s in text]
-        if hits:
-            text, finish = text[:min(hits)], "stop"
+            stopped = row.text.add(-1, final=True)
+            finish: str | None = "stop"
+        else:
+            stopped = row.text.add(entry["id"])
+            if row.open is not None:
+                row.open.feed(self.lm.tokenizer.decode([entry["id"]]))
+            finish = "stop" if stopped else None
         if finish is None and (len(row.output_ids) >= req.max_tokens or row.position + 1 >= self.lm.context_length):
             finish = "length"
-        safe = len(text)
-        if finish is None:
-            # Hold back what could still turn into a stop string, and half-decoded UTF-8.
-            safe -= max((len(s) - 1 for s in req.stop), default=0)
-            while safe > row.sent_chars and text[safe - 1] == "\ufffd":
-                safe -= 1
-        delta = text[row.sent_chars:safe] if safe > row.sent_chars else ""
-        row.sent_chars = max(row.sent_chars, safe)
-        entry["text"] = tok.decode([entry["id"]])
-        if "top" in entry:
-            entry["top"] = [(t, tok.decode([t]), v) for t, v in entry["top"]]
-        self._emit(req, TokenEvent(delta, [] if eos else [entry]))
+            row.text.add(-1, final=True)
+        self._emit(req, TokenEvent(row.text.release(finish is not None), [] if eos else [entry]))
         if finish is not None:
             self._emit(req, DoneEvent(finish, len(row.output_ids) + (1 if eos else 0)))
             return True
@@ -305,9 +348,6 @@ class Engine:
 
     def _retire(self, gone: set[int]) -> None:
         keep = [i for i in range(len(self._rows)) if i not in gone]
-        for i in gone:
-            if self._rows[i].req.cancelled:
-                log.debug("request cancelled after %d tokens", len(self._rows[i].output_ids))
         if not keep:
             self._reset_batch()
             return
@@ -326,7 +366,7 @@ class Engine:
         self._counts, self._seen = self._counts[:0], self._seen[:0]
 
     @staticmethod
-    def _emit(req: GenRequest, event: TokenEvent | DoneEvent) -> None:
+    def _emit(req: GenRequest, event: TokenEvent | PromptEvent | DoneEvent) -> None:
         if req.loop is not None and req.events is not None:
             with contextlib.suppress(RuntimeError):  # the event loop closed: the worker is shutting down
                 req.loop.call_soon_threadsafe(req.events.put_nowait, event)

@@ -12,12 +12,16 @@ import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
-from backends.engine import DoneEvent, Engine, GenRequest, TokenEvent
+from backends import answers
+from backends.answers import ChoiceBuilder
+from backends.engine import DoneEvent, Engine, GenRequest
+from backends.grammar import GrammarError, Grammars
 from backends.loading import LoadedModel
 from backends.protocol import Plan, WorkerChatRequest, WorkerCompletionRequest, chat_plan, completion_plan
+from backends.vocab import Vocab
 from backends.wire import responses as wire
 from backends.wire.body_limit import BodyLimit
-from backends.wire.errors import APIError, install_handlers, not_found
+from backends.wire.errors import APIError, bad_request, install_handlers, not_found
 from backends.wire.requests import parse_body
 
 
@@ -25,48 +29,26 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
-def _name(token_id: int, text: str, as_ids: bool) -> str:
-    return f"token_id:{token_id}" if as_ids else text
-
-
-def _chat_logprobs(tokens: list[dict[str, Any]], as_ids: bool) -> list[dict[str, Any]]:
-    def one(token_id: int, text: str, lp: float) -> dict[str, Any]:
-        name = _name(token_id, text, as_ids)
-        return {"token": name, "logprob": lp, "bytes": list(name.encode())}
-
-    return [{**one(t["id"], t["text"], t["logprob"]), "top_logprobs": [one(*alt) for alt in t.get("top", [])]}
-            for t in tokens if "logprob" in t]
-
-
-def _completion_logprobs(tokens: list[dict[str, Any]], offset: int, as_ids: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for t in tokens:
-        if "logprob" not in t:
-            continue
-        out["tokens"].append(_name(t["id"], t["text"], as_ids))
-        out["token_logprobs"].append(t["logprob"])
-        out["top_logprobs"].append({_name(i, x, as_ids): v for i, x, v in t.get("top", [])})
-        out["text_offset"].append(offset)
-        offset += len(t["text"])
-    return out
-
-
 class Worker:
-    def __init__(self, lm: LoadedModel, engine: Engine) -> None:
+    def __init__(self, lm: LoadedModel, engine: Engine, vocab: Vocab) -> None:
         self.lm = lm
         self.engine = engine
+        self.vocab = vocab
 
-    def requests(self, plan: Plan) -> list[GenRequest]:
+    def requests(self, plan: Plan, grammar: Any) -> list[GenRequest]:
         """One engine request per (prompt, choice); choice i of a seeded request uses seed + i."""
-        return [GenRequest(prompt_ids=prompt, params=plan.params, max_tokens=plan.max_tokens or 256,
-                           stop=plan.stop, top_logprobs=plan.top_logprobs,
-                           seed=None if plan.seed is None else plan.seed + i)
+        return [GenRequest(prompt_ids=prompt, params=plan.params, max_tokens=plan.max_tokens, stop=plan.stop,
+                           top_logprobs=plan.top_logprobs, seed=None if plan.seed is None else plan.seed + i,
+                           grammar=grammar, constraint=plan.constraint, prompt_logprobs=plan.prompt_logprobs)
                 for prompt in plan.prompts for i in range(plan.n)]
 
-    async def collect(self, req: GenRequest, request: Request) -> tuple[str, list[dict], DoneEvent]:
+    def builders(self, plan: Plan, chat: bool, prompt_texts: list[str]) -> list[ChoiceBuilder]:
+        return [ChoiceBuilder(i, chat, plan, self.vocab, prompt_texts[i // plan.n])
+                for i in range(len(plan.prompts) * plan.n)]
+
+    async def collect(self, req: GenRequest, builder: ChoiceBuilder, request: Request) -> ChoiceBuilder:
         """Run one request to the end; cancels it if the client goes away."""
         events = self.engine.submit(req)
-        text, tokens = [], []
         checked = time.monotonic()
         while True:
             try:
@@ -80,15 +62,16 @@ class Worker:
                     raise APIError(499, "The client closed the request.", "invalid_request_error")
             if event is None:
                 continue
+            answers.apply(builder, event)
             if isinstance(event, DoneEvent):
-                return "".join(text), tokens, event
-            text.append(event.text)
-            tokens.extend(event.tokens)
+                return builder
 
 
 def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_body_mb: float = 16) -> FastAPI:
-    engine = Engine(lm, max_batch=max_batch)
-    worker = Worker(lm, engine)
+    vocab = Vocab(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0])
+    grammars = Grammars(vocab, sorted(lm.eos_token_ids))
+    engine = Engine(lm, grammars, max_batch=max_batch)
+    worker = Worker(lm, engine, vocab)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -133,38 +116,40 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_body_mb: float =
     async def respond(request: Request, schema: type, make_plan: Any, chat: bool) -> Response:
         body = parse_body(await request.body(), schema)
         check_model(body)
-        plan: Plan = make_plan(body, lm)
-        reqs = worker.requests(plan)
+        # Tokenising and rendering the template (and compiling a grammar) take CPU: not on the event loop.
+        plan: Plan = await asyncio.to_thread(make_plan, body, lm)
+        grammar = None
+        if plan.constraint is not None:
+            try:
+                grammar = await asyncio.to_thread(grammars.compile, plan.constraint)
+            except GrammarError as exc:
+                raise bad_request(f"The constraint cannot be compiled: {exc}", plan.constraint.param) from None
+        reqs = worker.requests(plan, grammar)
+        prompt_texts = _prompt_texts(body, plan, lm) if plan.echo else [""] * len(plan.prompts)
+        builders = worker.builders(plan, chat, prompt_texts)
         head = wire.head(chat, body["model"])
         prompt_tokens = sum(len(p) for p in plan.prompts)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(stream(reqs, head, chat, prompt_tokens, include_usage, plan.token_ids),
+            return StreamingResponse(stream(reqs, builders, head, chat, prompt_tokens, include_usage),
                                      media_type="text/event-stream")
         try:
-            results = await asyncio.gather(*(worker.collect(r, request) for r in reqs))
+            await asyncio.gather(*(worker.collect(r, b, request) for r, b in zip(reqs, builders, strict=True)))
         except (asyncio.CancelledError, APIError):
             for r in reqs:
                 r.cancelled = True
             raise
-        if any(done.finish_reason == "error" for _, _, done in results):
+        if any(b.done is None or b.done.finish_reason == "error" for b in builders):
             raise APIError(500, "The worker failed while generating; retry.", "server_error")
-        choices = []
-        with_lp = plan.top_logprobs is not None
-        for index, (text, tokens, done) in enumerate(results):
-            if chat:
-                lp = {"content": _chat_logprobs(tokens, plan.token_ids)} if with_lp else None
-                choice = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                          "finish_reason": done.finish_reason}
-            else:
-                lp = _completion_logprobs(tokens, 0, plan.token_ids) if with_lp else None
-                choice = {"index": index, "text": text, "finish_reason": done.finish_reason, "logprobs": lp}
-            choices.append(choice)
-        completion_tokens = sum(done.completion_tokens for _, _, done in results)
-        return _json(wire.response(head, chat, choices, wire.usage(prompt_tokens, completion_tokens)))
+        completion_tokens = sum(b.done.completion_tokens for b in builders)
+        answer = wire.response(head, chat, [b.choice() for b in builders],
+                               wire.usage(prompt_tokens, completion_tokens))
+        if chat and (prompt := builders[0].prompt_logprobs()) is not None:
+            answer["prompt_logprobs"] = prompt  # vLLM puts a chat answer's on the answer itself
+        return _json(answer)
 
-    async def stream(reqs: list[GenRequest], head: dict[str, Any], chat: bool, prompt_tokens: int,
-                     include_usage: bool, as_ids: bool) -> AsyncIterator[bytes]:
+    async def stream(reqs: list[GenRequest], builders: list[ChoiceBuilder], head: dict[str, Any], chat: bool,
+                     prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, req: GenRequest) -> None:
@@ -175,43 +160,26 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_body_mb: float =
                 if isinstance(event, DoneEvent):
                     return
 
-        def chunk(index: int, delta_text: str | None, tokens: list[dict], finish: str | None,
-                  first: bool = False) -> bytes:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-                if delta_text:
-                    delta["content"] = delta_text
-                choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
-                if tokens and reqs[index].top_logprobs is not None:
-                    choice["logprobs"] = {"content": _chat_logprobs(tokens, as_ids)}
-            else:
-                choice = {"index": index, "text": delta_text or "", "finish_reason": finish}
-                if tokens and reqs[index].top_logprobs is not None:
-                    choice["logprobs"] = _completion_logprobs(tokens, offsets[index], as_ids)
-                    offsets[index] += sum(len(t["text"]) for t in tokens)
-            return wire.sse(wire.chunk(head, chat, [choice]))
-
-        offsets = [0] * len(reqs)  # text_offset of each completion choice's next token
         pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
-        completion_tokens, open_choices = 0, len(reqs)
+        open_choices = len(reqs)
         try:
             if chat:
                 for i in range(len(reqs)):
-                    yield chunk(i, None, [], None, first=True)
+                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield wire.sse(wire.chunk(head, chat, [role]))
             while open_choices:
                 index, event = await merged.get()
-                if isinstance(event, TokenEvent):
-                    if event.text or event.tokens:
-                        yield chunk(index, event.text, event.tokens, None)
-                    continue
-                open_choices -= 1
-                completion_tokens += event.completion_tokens
-                if event.finish_reason == "error":
-                    yield wire.sse(APIError(500, "The worker failed while generating; retry.", "server_error").body())
-                    yield wire.SSE_DONE
-                    return
-                yield chunk(index, None, [], event.finish_reason)
+                if isinstance(event, DoneEvent):
+                    open_choices -= 1
+                    if event.finish_reason == "error":
+                        yield wire.sse(APIError(500, "The worker failed while generating; retry.",
+                                                "server_error").body())
+                        yield wire.SSE_DONE
+                        return
+                for choice in answers.apply(builders[index], event):
+                    yield wire.sse(wire.chunk(head, chat, [choice]))
             if include_usage:
+                completion_tokens = sum(b.done.completion_tokens for b in builders if b.done)
                 yield wire.sse(wire.chunk(head, chat, [], wire.usage(prompt_tokens, completion_tokens)))
             yield wire.SSE_DONE
         finally:
@@ -221,3 +189,13 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_body_mb: float =
                 task.cancel()
 
     return app
+
+
+def _prompt_texts(body: dict[str, Any], plan: Plan, lm: LoadedModel) -> list[str]:
+    """What echo gives back: the prompts as the client wrote them (token ids decoded)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [lm.tokenizer.decode(p) for p in plan.prompts]

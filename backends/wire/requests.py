@@ -36,6 +36,10 @@ class _Common(BaseModel):
     model_config = STRICT
     refused: ClassVar[frozenset[str]] = frozenset()  # fields of another endpoint: a 400 naming them
 
+    @classmethod
+    def check(cls, body: dict[str, Any]) -> None:
+        """Rules across fields, after each field is valid on its own; a 400 naming the field."""
+
     model: Annotated[str, Field(min_length=1, max_length=256)]
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -46,8 +50,9 @@ class _Common(BaseModel):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    stop: Annotated[str, Field(max_length=1000)] | Annotated[list[Annotated[str, Field(max_length=1000)]],
+                                                                Field(max_length=4)] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
     user: str | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # not OpenAI's, but vLLM's and the policies' own
@@ -59,11 +64,23 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class ToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = None
     response_format: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
 
@@ -78,6 +95,9 @@ class CompletionRequest(_Common):
     echo: bool | None = None
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1, le=20)] | None = None
+    # 0 generates nothing: with `echo` (or vLLM's prompt_logprobs) that scores the prompt, as evaluation
+    # harnesses do.
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -85,6 +105,12 @@ class CompletionRequest(_Common):
         if isinstance(v, list) and not v:
             raise ValueError("must not be empty")
         return v
+
+    @classmethod
+    def check(cls, body: dict[str, Any]) -> None:
+        if body.get("max_tokens") == 0 and not body.get("echo") and body.get("prompt_logprobs") is None:
+            raise bad_request("max_tokens must be at least 1 (0 only scores the prompt, with echo).", "max_tokens",
+                              "invalid_value")
 
 
 def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
@@ -111,6 +137,7 @@ def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
         schema.model_validate(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    schema.check(body)
     if "stream_options" in body and not body.get("stream"):
         # OpenAI refuses stream_options without stream; drop it instead, since gateways in front of us
         # (new-api forces include_usage) may add it to every request.
