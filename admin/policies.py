@@ -81,7 +81,8 @@ def explain(body: ExplainBody, request: Request, _: str = Depends(require_admin)
     if not isinstance(body.request.get("model"), str):
         raise bad_request("request.model must be a string.", "request.model")
     outcome = apply_policy(request.app.state.catalog.snapshot.policies, body.request, body.tenant_id, body.task)
-    return {"policy": outcome.ref, "task": outcome.task, "rewrites": outcome.rewrites, "request": outcome.request}
+    return {"policy": outcome.ref, "task": outcome.task, "rewrites": outcome.rewrites, "notes": outcome.notes,
+            "request": outcome.request}
 
 
 @router.post("", status_code=201, response_model=PolicyOut)

@@ -152,6 +152,7 @@ class CapabilityOverrides(_In):
 
     seeded_determinism: bool | None = None
     stream_usage: bool | None = None
+    constrained_decoding: bool | None = None
 
 
 class _ChannelFields(_In):

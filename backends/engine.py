@@ -288,7 +288,8 @@ class Engine:
             left = row.req.max_tokens - len(row.output_ids)
             needed = row.open.tokens_to_close() if row.open is not None else 4
             if left <= needed:
-                self.grammars.prefer_closing(logits[i], in_string=row.open is not None and row.open.in_string)
+                state = row.open or OpenStructures()
+                self.grammars.prefer_closing(logits[i], in_string=state.in_string, escaped=state.escaped)
 
     def _sample_and_emit(self, logits: torch.Tensor, first: int) -> None:
         """Sample for rows first.. (a prefill's new rows, or the whole batch), emit, retire finished rows."""
@@ -338,7 +339,8 @@ class Engine:
                 row.open.feed(self.lm.tokenizer.decode([entry["id"]]))
             finish = "stop" if stopped else None
         if finish is None and (len(row.output_ids) >= req.max_tokens or row.position + 1 >= self.lm.context_length):
-            finish = "length"
+            # An answer that completes its grammar on its last allowed token ended as asked, not cut off.
+            finish = "stop" if row.matcher is not None and row.matcher.is_completed() else "length"
             row.text.add(-1, final=True)
         self._emit(req, TokenEvent(row.text.release(finish is not None), [] if eos else [entry]))
         if finish is not None:

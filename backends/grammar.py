@@ -87,36 +87,40 @@ class Grammars:
 
     def _closing_classes(self) -> dict[str, torch.Tensor]:
         """[V] masks: the end of the answer; tokens made only of `}`/`]`; only of `,`; a `"` with nothing but
-        `}`/`]`/`,` after it; and every token's length in bytes (the last resort: the most progress per token)."""
+        `}`/`]` after it; and a progress score (the last resort: the longest token that opens the least)."""
         size = self.vocab.size
         classes = {name: torch.zeros(size, dtype=torch.bool) for name in ("ends", "brackets", "comma", "quote")}
         classes["ends"][self._stop_ids] = True
-        lengths = torch.zeros(size, dtype=torch.float32)
+        progress = torch.zeros(size, dtype=torch.float32)
         for token_id, raw in enumerate(self.vocab.raw):
-            lengths[token_id] = len(raw)
+            # the last resort's score: long tokens finish a spelled-out key or literal sooner; `{`/`[` open more
+            progress[token_id] = len(raw) - 100 * (raw.count(b"{") + raw.count(b"["))
             text = raw.strip()
             if not text:
                 continue
             classes["brackets"][token_id] = not text.strip(b"}]")
             classes["comma"][token_id] = not text.strip(b",")
-            classes["quote"][token_id] = text.startswith(b'"') and not text.strip(b'"}],')
-        classes["length"] = lengths
+            # a quote, then nothing or closers: a comma would start another element the budget may not have
+            classes["quote"][token_id] = text.startswith(b'"') and not text.strip(b'"}]')
+        classes["progress"] = progress
         return classes
 
-    def prefer_closing(self, logits: torch.Tensor, in_string: bool) -> None:
+    def prefer_closing(self, logits: torch.Tensor, in_string: bool, escaped: bool = False) -> None:
         """In place, on one row whose disallowed tokens are already -inf: keep only the most closing class that
         has an allowed token. Inside a string a bracket is just text: the closing quote comes first there. A comma
         (after a number, say) moves on to the next required key, a quote opens it."""
         allowed = logits > float("-inf")
-        order = ("ends", "quote") if in_string else ("ends", "brackets", "comma", "quote")
+        # Right after a backslash a quote is text: finish the escape first (the longest token, below).
+        order = () if escaped else ("ends", "quote") if in_string else ("ends", "brackets", "comma", "quote")
         for name in order:
             keep = allowed & self._classes[name]
             if bool(keep.any()):
                 logits.masked_fill_(~keep, float("-inf"))
                 return
-        # Nothing closes yet (a key the grammar spells out, a number's digits): the longest allowed token.
-        lengths = torch.where(allowed, self._classes["length"], -1.0)
-        logits.masked_fill_(lengths < lengths.max(), float("-inf"))
+        # Nothing closes yet (a key the grammar spells out, a number's digits, a value to begin): the longest
+        # allowed token that opens the fewest brackets.
+        progress = torch.where(allowed, self._classes["progress"], float("-inf"))
+        logits.masked_fill_(progress < progress.max(), float("-inf"))
 
 
 def _tool_call(function: dict[str, Any]) -> xgr.Grammar:
@@ -161,7 +165,7 @@ class OpenStructures:
 
     def tokens_to_close(self) -> int:
         """Generous: closing usually takes a token per bracket; a string or a literal tail may take a few."""
-        return 4 + 2 * self.depth + (3 if self.in_string else 0) + 8 * len(self.pending)
+        return 6 + 2 * self.depth + (4 if self.in_string else 0) + 8 * len(self.pending)
 
 
 def _required_keys(constraint: Constraint | None) -> set[str]:

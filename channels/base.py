@@ -18,6 +18,7 @@ class ChannelCapabilities(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     seeded_determinism: bool = False  # the same request with the same seed gives the same answer: cacheable
     stream_usage: bool = True  # honours stream_options.include_usage, so streamed usage is exact
+    constrained_decoding: bool = False  # enforces response_format JSON while decoding: no JSON retry needed
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,8 @@ class Pipeline:
         response = await self._call_channels(attempt, channels)
         headers: dict[str, str] = {}
         answers, answer_ok = [response], True
-        if attempt.call.endpoint == "chat" and wants_json_retry(attempt.outcome):
+        constrained = attempt.channel is not None and attempt.channel.capabilities.constrained_decoding
+        if attempt.call.endpoint == "chat" and wants_json_retry(attempt.outcome) and not constrained:
             async def ask(outcome: PolicyOutcome) -> dict[str, Any]:
                 attempt.outcome = outcome
                 return await self._call_channels(attempt, channels)

@@ -44,6 +44,7 @@ class PolicyOutcome:
     ref: str | None = None  # "id@version" of the matched policy
     rules: Rules | None = None
     task: str | None = None
+    notes: list[dict[str, Any]] = field(default_factory=list)  # rules that matched but were not applied, and why
 
     def rewrites_header(self) -> str:
         return rewrites_header(self.rewrites)
@@ -52,7 +53,7 @@ class PolicyOutcome:
         """The same outcome with one more rewrite (made after the policy, e.g. by a quota reservation)."""
         record = {"param": param, "from": self.request.get(param), "to": value, "rule": rule}
         return PolicyOutcome({**self.request, param: value}, self.rewrites + [record], self.ref, self.rules,
-                             self.task)
+                             self.task, self.notes)
 
 
 _HEADER_LIMIT = 2000  # characters of X-Relay-Rewrites; proxies and clients refuse much longer headers
@@ -109,6 +110,7 @@ class _Rewriter:
     def __init__(self, request: dict[str, Any]) -> None:
         self.request = dict(request)
         self.rewrites: list[dict[str, Any]] = []
+        self.notes: list[dict[str, Any]] = []
 
     def set(self, param: str, value: Any, rule: str) -> None:
         before = self.request.get(param)
@@ -148,6 +150,11 @@ class _Rewriter:
 
 
 def rewrite(rules: Rules, request: dict[str, Any], task: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    w = _rewrite(rules, request, task)
+    return w.request, w.rewrites
+
+
+def _rewrite(rules: Rules, request: dict[str, Any], task: str) -> _Rewriter:
     w = _Rewriter(request)
     for param in rules.drop:
         if param in w.request:
@@ -173,8 +180,15 @@ def rewrite(rules: Rules, request: dict[str, Any], task: str) -> tuple[dict[str,
             w.set("top_k", k.min, "top_k.min")
         elif k.max is not None and value > k.max:
             w.set("top_k", k.max, "top_k.max")
-    w.bound("frequency_penalty", rules.frequency_penalty)
-    w.bound("presence_penalty", rules.presence_penalty)
+    for param in ("frequency_penalty", "presence_penalty"):
+        penalty = getattr(rules, param)
+        if penalty is not None and penalty.default is not None and w.request.get(param) is None \
+                and not penalty.apply_to_greedy and is_greedy(w.request):
+            w.notes.append({"param": param, "rule": f"{param}.default", "applied": False,
+                            "why": "the request is greedy and a penalty would change its argmax "
+                                   f"(set {param}.apply_to_greedy to add it anyway)"})
+            penalty = penalty.model_copy(update={"default": None})  # bounds still hold for a sent value
+        w.bound(param, penalty)
     if rules.max_tokens is not None:
         m = rules.max_tokens
         for param in ("max_tokens", "max_completion_tokens"):
@@ -191,7 +205,7 @@ def rewrite(rules: Rules, request: dict[str, Any], task: str) -> tuple[dict[str,
             w.set("max_tokens", fill, "max_tokens.default" if m.default is not None else "max_tokens.max")
     if rules.seed is not None and rules.seed.default is not None and w.request.get("seed") is None:
         w.set("seed", rules.seed.default, "seed.default")
-    return w.request, w.rewrites
+    return w
 
 
 def _is_int(value: Any) -> bool:
@@ -215,8 +229,8 @@ def apply_policy(policies: list[PolicyInfo], request: dict[str, Any], tenant_id:
     if policy is None:
         return PolicyOutcome(request)
     task = detect_task(request, task_header)
-    rewritten, rewrites = rewrite(policy.rules, request, task)
-    return PolicyOutcome(rewritten, rewrites, policy.ref, policy.rules, task)
+    w = _rewrite(policy.rules, request, task)
+    return PolicyOutcome(w.request, w.rewrites, policy.ref, policy.rules, task, w.notes)
 
 
 def cooler(outcome: PolicyOutcome, attempt: int) -> PolicyOutcome:
@@ -237,11 +251,11 @@ def cooler(outcome: PolicyOutcome, attempt: int) -> PolicyOutcome:
         w.set("temperature", target, f"json_retry.{attempt}")
     for r in w.rewrites:
         r["rule"] = f"json_retry.{attempt}"
-    return PolicyOutcome(w.request, outcome.rewrites + w.rewrites, outcome.ref, rules, outcome.task)
+    return PolicyOutcome(w.request, outcome.rewrites + w.rewrites, outcome.ref, rules, outcome.task, outcome.notes)
 
 
 def is_greedy(request: dict[str, Any]) -> bool:
-    return request.get("temperature") == 0 or request.get("top_k") == 1
+    return request.get("temperature") == 0 or request.get("top_k") == 1 or request.get("do_sample") is False
 
 
 def wants_json_retry(outcome: PolicyOutcome) -> bool:

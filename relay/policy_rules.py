@@ -62,6 +62,9 @@ class PenaltyRule(Bound):
     min: float | None = Field(default=None, ge=-2, le=2)
     max: float | None = Field(default=None, ge=-2, le=2)
     default: float | None = Field(default=None, ge=-2, le=2)
+    # A penalty changes which token is the likeliest, so by default it is not added to a greedy request (an
+    # evaluation or a cached answer asked for the argmax); true adds it there too.
+    apply_to_greedy: bool = False
 
 
 class _IntBound(_Rule):
