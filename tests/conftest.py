@@ -82,7 +82,7 @@ class Relay:
         return self.ok("POST", "/admin/keys", {"tenant_id": tenant_row["id"], "name": "k", **key_fields})
 
     def client(self, key: str, **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(api_key=key, base_url=self.url + "/v1", max_retries=0, timeout=30, **kw)
+        return openai.OpenAI(api_key=key, base_url=self.url + "/v1", **{"max_retries": 0, "timeout": 30, **kw})
 
     def logs(self, tenant_id: int, want: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
         """Request-log rows of a tenant, once at least `want` of them have been flushed."""

@@ -264,3 +264,33 @@ def test_a_rows_failure_ends_only_that_row(lm):
         engine.stop()
     assert failed.finish_reason == "error" and "refused" in failed.error
     assert ok.finish_reason == "length" and ok.completion_tokens == 8
+
+
+def test_incremental_detokenization_equals_a_whole_decode(lm):
+    """Each step decodes a few tokens, not the answer again; the text that comes out is the whole decode's,
+    for any text (emoji, CJK, combining marks split across byte-level tokens), cut at the first stop string."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from backends.text import TextStream
+
+    tokenizer = lm.tokenizer
+
+    @given(st.text(min_size=1, max_size=80), st.lists(st.text(min_size=1, max_size=3), max_size=2))
+    @settings(max_examples=150, deadline=None, database=None)
+    def check(text: str, stops: list[str]) -> None:
+        ids = tokenizer.encode(text)
+        stream, out = TextStream(tokenizer, tuple(stops)), ""
+        for token in ids:
+            stopped = stream.add(token)
+            out += stream.release(stopped)
+            if stopped:
+                break
+        else:
+            stream.add(-1, final=True)
+            out += stream.release(True)
+        whole = tokenizer.decode(ids, skip_special_tokens=True)
+        cuts = [whole.find(s) for s in stops if s in whole]
+        assert out == (whole[:min(cuts)] if cuts else whole)
+
+    check()
