@@ -10,6 +10,7 @@ have their disallowed tokens masked before sampling."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -20,9 +21,10 @@ from typing import Any
 
 import torch
 import xgrammar as xgr
-from transformers import DynamicCache
 
+from backends.decoder import forward_for
 from backends.grammar import Grammars, OpenStructures
+from backends.kv_cache import KVCache
 from backends.loading import LoadedModel
 from backends.prefix_cache import PrefixCache
 from backends.sampler import SamplerStats, SamplingParams, logprobs, sample
@@ -80,16 +82,20 @@ class _Row:
 
 class Engine:
     def __init__(self, lm: LoadedModel, grammars: Grammars | None = None, max_batch: int = 32,
-                 max_prefill_tokens: int = 4096) -> None:
+                 max_prefill_tokens: int | None = None) -> None:
         self.lm = lm
         self.vocab = lm.model.get_output_embeddings().weight.shape[0]
         self.grammars = grammars or Grammars(Vocab(lm.tokenizer, self.vocab), sorted(lm.eos_token_ids))
         self.max_batch = max_batch
-        self.max_prefill_tokens = max_prefill_tokens
+        # a CPU prefills ~1k tokens/s on a small model; a GPU takes thousands in one step
+        self.max_prefill_tokens = max_prefill_tokens or (2048 if lm.device.type == "cuda" else 96)
         self.stats = SamplerStats()
-        self._waiting: queue.Queue[GenRequest] = queue.Queue()
+        self._waiting: queue.Queue[GenRequest] = queue.Queue()  # from the event loop
+        self._pending: collections.deque[GenRequest] = collections.deque()  # taken off the queue, not yet prefilled
         self._rows: list[_Row] = []
-        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._skipped_decode = False  # the last loop prefilled without a decode step
+        self._forward_pass = forward_for(lm.model)
+        self._kv: KVCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=lm.device)  # [B, T]
         self._counts = torch.zeros(0, self.vocab, dtype=torch.float32, device=lm.device)  # [B, V]
         self._seen = torch.zeros(0, self.vocab, dtype=torch.bool, device=lm.device)  # [B, V]
@@ -133,8 +139,13 @@ class Engine:
                 plain = [r for r in new if r.prompt_logprobs is None]
                 if plain:
                     self._prefill(plain)
-                if self._rows:
+                # Prefill first while requests wait (a burst's first tokens come sooner), but never twice in a
+                # row: running streams get a token at least every other prefill.
+                waiting = bool(self._pending) or not self._waiting.empty()
+                skip = bool(new) and waiting and not self._skipped_decode
+                if self._rows and not skip:
                     self._decode_step()
+                self._skipped_decode = skip
             except Exception as exc:  # a failed forward fails the batch's requests, never the worker
                 log.exception("engine step failed")
                 failed = {id(row.req) for row in self._rows}
@@ -146,39 +157,36 @@ class Engine:
                 self._reset_batch()
 
     def _take_waiting(self, block: bool) -> list[GenRequest]:
+        """The next prefill's requests, in arrival order, within the prefill budget: prompt tokens not already
+        in the prefix cache (at least one request, however long its prompt). What does not fit waits for the
+        next step, so a burst of arrivals is prefilled in groups with decode steps between them: the running
+        streams keep moving and the first group answers sooner (vLLM's max_num_batched_tokens, for prefill)."""
+        try:
+            while True:
+                item = self._waiting.get(timeout=0.5) if block and not self._pending else self._waiting.get_nowait()
+                if item is not None and not item.cancelled:
+                    self._pending.append(item)
+                block = False
+        except queue.Empty:
+            pass
         taken: list[GenRequest] = []
         budget = self.max_prefill_tokens
-        if len(self._rows) >= self.max_batch:
-            return taken
-        try:
-            item = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
-        except queue.Empty:
-            return taken
-        while item is not None:
-            if not item.cancelled:
-                taken.append(item)
-                budget -= len(item.prompt_ids)
-            if len(self._rows) + len(taken) >= self.max_batch or budget <= 0:
+        while self._pending and len(self._rows) + len(taken) < self.max_batch:
+            cost = len(self._pending[0].prompt_ids) - self._prefixes.cached(self._pending[0].prompt_ids)
+            if taken and cost > budget:
                 break
-            try:
-                item = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-        return taken
+            taken.append(self._pending.popleft())
+            budget -= cost
+        return [r for r in taken if not r.cancelled]
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None, every_position: bool = False,
-                 ) -> tuple[torch.Tensor, list]:
-        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
-        # logits_to_keep=1: only the last position's logits are needed; skips most of the output layer.
-        out = self.lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True, logits_to_keep=0 if every_position else 1)
-        new_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        logits = out.logits.float()  # [B, S or 1, V] fp32
-        return (logits if every_position else logits[:, -1, :]), new_kv
+                 kv: KVCache | None, every_position: bool = False) -> tuple[torch.Tensor, KVCache]:
+        # Only the last position's logits unless asked: skips most of the output layer.
+        logits, kv = self._forward_pass(input_ids, mask, positions, kv, every_position)  # [B, S or 1, V] fp32
+        return (logits if every_position else logits[:, -1, :]), kv
 
-    def _forward_alone(self, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """KV of one sequence computed alone ([1, H, L, D] per layer)."""
+    def _forward_alone(self, ids: list[int]) -> KVCache:
+        """KV of one sequence computed alone (one row)."""
         batch = torch.tensor([ids], dtype=torch.long, device=self.lm.device)
         ones = torch.ones_like(batch)
         return self._forward(batch, ones, (ones.cumsum(-1) - 1), None)[1]
@@ -211,8 +219,7 @@ class Engine:
         mask = own
         if shared:
             mask = torch.cat([torch.ones(len(reqs), len(shared), dtype=torch.long, device=dev), own], dim=1)
-            kv = [(k.expand(len(reqs), -1, -1, -1).contiguous(), v.expand(len(reqs), -1, -1, -1).contiguous())
-                  for k, v in self._prefixes.kv(shared)]
+            kv = self._prefixes.kv(shared).expand(len(reqs))
         logits, kv = self._forward(ids, mask, positions, kv)
         self._join([self._new_row(r) for r in reqs], logits, kv, mask)
 
@@ -241,7 +248,7 @@ class Engine:
             return
         self._join([self._new_row(req)], logits[:, -1, :], kv, mask)
 
-    def _join(self, rows: list[_Row], logits: torch.Tensor, kv: list, mask: torch.Tensor) -> None:
+    def _join(self, rows: list[_Row], logits: torch.Tensor, kv: KVCache, mask: torch.Tensor) -> None:
         """New rows (their prompts' KV and last logits) join the batch and sample their first token."""
         seen = torch.zeros(len(rows), self.vocab, dtype=torch.bool, device=self.lm.device)
         for i, row in enumerate(rows):
@@ -249,15 +256,12 @@ class Engine:
         self._merge(rows, kv, mask, seen)
         self._sample_and_emit(logits, first=len(self._rows) - len(rows))
 
-    def _merge(self, rows: list[_Row], kv: list, mask: torch.Tensor, seen: torch.Tensor) -> None:
-        if not self._rows:
+    def _merge(self, rows: list[_Row], kv: KVCache, mask: torch.Tensor, seen: torch.Tensor) -> None:
+        if not self._rows or self._kv is None:
             self._kv, self._mask = kv, mask
         else:
-            old_t, new_t = self._mask.shape[1], mask.shape[1]
-            width = max(old_t, new_t)
-            self._kv = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
-                         torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
-                        for (k0, v0), (k1, v1) in zip(self._kv, kv, strict=True)]
+            width = max(self._mask.shape[1], mask.shape[1])
+            self._kv = self._kv.stack(kv)
             self._mask = torch.cat([_left_pad_2d(self._mask, width), _left_pad_2d(mask, width)])
         self._counts = torch.cat([self._counts, torch.zeros(len(rows), self.vocab, device=self._counts.device)])
         self._seen = torch.cat([self._seen, seen])
@@ -359,11 +363,11 @@ class Engine:
         # Columns that are padding for every remaining row can go: T shrinks back as old rows leave.
         start = int((mask.sum(0) > 0).nonzero()[0]) if bool((mask.sum(0) > 0).any()) else 0
         self._mask = mask[:, start:]
-        self._kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self._kv]
+        self._kv = self._kv.select(index, start) if self._kv is not None else None
         self._counts, self._seen = self._counts[index], self._seen[index]
 
     def _reset_batch(self) -> None:
-        self._rows, self._kv = [], []
+        self._rows, self._kv = [], None
         self._mask = self._mask[:0, :0]
         self._counts, self._seen = self._counts[:0], self._seen[:0]
 
@@ -372,14 +376,6 @@ class Engine:
         if req.loop is not None and req.events is not None:
             with contextlib.suppress(RuntimeError):  # the event loop closed: the worker is shutting down
                 req.loop.call_soon_threadsafe(req.events.put_nowait, event)
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, H, T, D] → [B, H, width, D] with zeros on the left."""
-    missing = width - t.shape[2]
-    if missing <= 0:
-        return t
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3]), t], dim=2)
 
 
 def _left_pad_2d(mask: torch.Tensor, width: int) -> torch.Tensor:

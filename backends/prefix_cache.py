@@ -6,17 +6,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-import torch
+from backends.kv_cache import KVCache
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth its own forward
 MAX_CACHED_PREFIX_TOKENS = 8192  # bounds the cache's memory (KV of this many tokens, all entries)
-KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class PrefixCache:
-    def __init__(self, forward: Callable[[list[int]], KV]) -> None:
+    def __init__(self, forward: Callable[[list[int]], KVCache]) -> None:
         self._forward = forward  # KV of one sequence computed alone
-        self._prefixes: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+        self._prefixes: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
 
     def shared(self, prompts: list[list[int]]) -> tuple[int, ...]:
         """The longest cached prefix of every prompt, or, for several prompts, their longest common prefix
@@ -35,8 +34,13 @@ class PrefixCache:
         worth = len(prompts) > 1 and MIN_SHARED_PREFIX <= common <= MAX_CACHED_PREFIX_TOKENS // 4
         return head if worth else ()
 
-    def kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """KV of a prefix ([1, H, P, D] per layer), computed alone and kept (LRU) for later prefills."""
+    def cached(self, prompt: list[int]) -> int:
+        """Tokens at the start of this prompt whose KV is cached (its longest cached prefix, leaving one)."""
+        return max((len(key) for key in self._prefixes if len(key) < len(prompt) and tuple(prompt[:len(key)]) == key),
+                   default=0)
+
+    def kv(self, prefix: tuple[int, ...]) -> KVCache:
+        """KV of a prefix (one row), computed alone and kept (LRU) for later prefills."""
         if prefix not in self._prefixes:
             self._prefixes[prefix] = self._forward(list(prefix))
             while sum(map(len, self._prefixes)) > MAX_CACHED_PREFIX_TOKENS and len(self._prefixes) > 1:

@@ -80,21 +80,27 @@ def filter_row(scaled: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
            counts: torch.Tensor, seen: torch.Tensor, stats: SamplerStats | None = None) -> torch.Tensor:
-    """Next token per row: [B] int64."""
-    logits = apply_penalties(sanitise(logits.float(), stats), counts, seen, params)
+    """Next token per row: [B] int64. Penalties, biases and filters cost [V]-wide passes: only the rows that
+    asked for them pay them, and all greedy rows share one argmax."""
+    logits = sanitise(logits.float(), stats)
+    penalised = [i for i, p in enumerate(params)
+                 if p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0]
+    if penalised:
+        index = torch.tensor(penalised, dtype=torch.long, device=logits.device)
+        logits[index] = apply_penalties(logits[index], counts[index], seen[index], [params[i] for i in penalised])
     for i, p in enumerate(params):
         if p.logit_bias:
             ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=logits.device)
             logits[i, ids] += torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype, device=logits.device)
-    # Penalties and biases can push a repaired extreme back to inf (a repetition penalty < 1 on the largest
-    # float) or to NaN (-inf * 0): repair again, uncounted, right before sampling.
-    logits = sanitise(logits)
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    if penalised or any(p.logit_bias for p in params):
+        # Penalties and biases can push a repaired extreme back to inf (a repetition penalty < 1 on the
+        # largest float) or to NaN (-inf * 0): repair again, uncounted, right before sampling.
+        logits = sanitise(logits)
+    out = torch.argmax(logits, dim=-1)  # [B]: the greedy rows' answer, replaced below for sampled rows
     for i, p in enumerate(params):
-        row = logits[i]
         if p.greedy:
-            out[i] = torch.argmax(row)
             continue
+        row = logits[i]
         # Subtract the maximum first: (x - max) / T is <= 0, so no temperature can overflow it.
         scaled = filter_row((row - row.max()) / p.temperature, p)
         probs = torch.softmax(scaled, dim=-1)

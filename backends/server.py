@@ -67,10 +67,11 @@ class Worker:
                 return builder
 
 
-def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_body_mb: float = 16) -> FastAPI:
+def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: int | None = None,
+                      max_body_mb: float = 16) -> FastAPI:
     vocab = Vocab(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0])
     grammars = Grammars(vocab, sorted(lm.eos_token_ids))
-    engine = Engine(lm, grammars, max_batch=max_batch)
+    engine = Engine(lm, grammars, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
     worker = Worker(lm, engine, vocab)
 
     @contextlib.asynccontextmanager

@@ -174,8 +174,10 @@ def test_capabilities_are_typed_and_shown_as_they_apply(relay, upstream):
                                                        "models": [name], "capabilities": {"telepathy": True}})
     assert refused.status_code == 400 and refused.json()["error"]["param"].startswith("capabilities")
     plain = add_fake_channel(relay, upstream[1], name, [name])
-    assert plain["capabilities"] == {"seeded_determinism": False, "stream_usage": True}  # the type's defaults
+    defaults = {"seeded_determinism": False, "stream_usage": True, "constrained_decoding": False}
+    assert plain["capabilities"] == defaults  # the type's defaults
     seeded = relay.ok("PATCH", f"/admin/channels/{plain['id']}", {"capabilities": {"seeded_determinism": True}})
-    assert seeded["capabilities"] == {"seeded_determinism": True, "stream_usage": True}
+    assert seeded["capabilities"] == {**defaults, "seeded_determinism": True}
     local = relay.ok("POST", "/admin/channels", {"name": f"local-{_uid()}", "type": "local", "models": [_uid()]})
-    assert local["capabilities"]["seeded_determinism"] is True  # what the local worker declares
+    # what the local worker declares
+    assert local["capabilities"]["seeded_determinism"] is True and local["capabilities"]["constrained_decoding"] is True

@@ -207,12 +207,10 @@ def test_nan_logits_are_sanitised(lm):
     """A model whose logits hold NaN and inf still answers, and the worker counts what it repaired."""
     broken = load(MODEL)
 
-    def poison(_module, _inputs, output):
-        output[..., ::7] = float("nan")
-        output[..., 1::11] = float("inf")
-        return output
-
-    broken.model.get_output_embeddings().register_forward_hook(poison)
+    with torch.no_grad():  # output rows of NaN and inf: those tokens' logits are NaN / inf (or NaN, inf - inf)
+        weight = broken.model.get_output_embeddings().weight
+        weight[::7] = float("nan")
+        weight[1::11] = float("inf")
     with ServerThread(create_worker_app(broken)) as server:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         for temperature in (0, 1e-40, 0.7, 2):
