@@ -1,15 +1,15 @@
-"""/admin/usage and /admin/audit — read-only views over request logs and audit events."""
+"""/admin/usage and /admin/audit — read-only totals over request logs, and the audit events."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy import case, func
-from sqlmodel import Session, SQLModel, select
+from sqlmodel import Session, select
 
 from admin.deps import FilterId, db_session, require_admin
+from admin.logs import Cursor
 from admin.schemas import TextFilter, UtcDateTime
+from relay.errors import bad_request
 from relay.models import AuditEvent, RequestLog
 
 router = APIRouter(prefix="/admin", tags=["usage"])
@@ -39,22 +39,20 @@ def usage(since: UtcDateTime | None = None, until: UtcDateTime | None = None, te
     return {"object": "list", "data": rows}
 
 
-def _newest(s: Session, model: type[SQLModel], limit: int, **filters: Any) -> dict:
-    """The newest rows first; a filter left as None does not filter."""
-    query = select(model).order_by(model.id.desc()).limit(limit)
-    for column, value in filters.items():
-        if value is not None:
-            query = query.where(getattr(model, column) == value)
-    return {"object": "list", "data": [row.model_dump(mode="json") for row in s.exec(query).all()]}
-
-
-@router.get("/logs")
-def logs(limit: int = Query(100, ge=1, le=1000), tenant_id: FilterId = None,
-         s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
-    return _newest(s, RequestLog, limit, tenant_id=tenant_id)
-
-
 @router.get("/audit")
-def audit(limit: int = Query(100, ge=1, le=1000), entity: TextFilter = None,
-          s: Session = Depends(db_session), _: str = Depends(require_admin)) -> dict:
-    return _newest(s, AuditEvent, limit, entity=entity)
+def audit(limit: int = Query(100, ge=1, le=1000), cursor: Cursor = None, entity: TextFilter = None,
+          entity_id: FilterId = None, action: TextFilter = None, s: Session = Depends(db_session),
+          _: str = Depends(require_admin)) -> dict:
+    """Admin changes, newest first, paged by cursor like /admin/logs."""
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1)
+    for column, value in (("entity", entity), ("entity_id", entity_id), ("action", action)):
+        if value is not None:
+            query = query.where(getattr(AuditEvent, column) == value)
+    if cursor is not None:
+        if int(cursor) > 2**62:
+            raise bad_request("cursor is out of range.", "cursor")
+        query = query.where(AuditEvent.id < int(cursor))
+    rows = list(s.exec(query).all())
+    page = rows[:limit]
+    return {"object": "list", "data": [row.model_dump(mode="json") for row in page],
+            "next_cursor": str(page[-1].id) if len(rows) > limit else None}

@@ -41,6 +41,22 @@ class CircuitBreaker:
         open_ = [c for c, flag in zip(channels, cooling, strict=True) if not flag]
         return open_ or channels
 
+    async def cooling(self, channel_ids: list[int]) -> dict[int, float] | None:
+        """Seconds each cooling channel has left (the others are absent); None when Redis cannot say."""
+        if not channel_ids:
+            return {}
+
+        async def read() -> list[int]:
+            pipe = self.state.client.pipeline(transaction=False)
+            for cid in channel_ids:
+                pipe.pttl(f"{self.prefix}open:{cid}")
+            return await pipe.execute()
+
+        ttls = await self.state.call(read)
+        if ttls is None:
+            return None
+        return {cid: ttl / 1000 for cid, ttl in zip(channel_ids, ttls, strict=True) if ttl and ttl > 0}
+
     async def failed(self, channel: Channel, *, credentials: bool = False) -> bool:
         """Counts a failure; True when this one makes K refusals of the channel's credentials in a row."""
         cid = channel.config.id

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -16,10 +17,12 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
 from relay.models import ApiKey, RequestLog, Tenant, utcnow
+from relay.rollup import add_stats, prune_minutes
 
 log = logging.getLogger("relay.usage")
 
 MAX_PENDING = 100_000  # beyond this the oldest logs are dropped rather than exhausting memory
+PRUNE_EVERY_S = 3600.0  # per-minute stats older than relay.rollup.MINUTES_KEPT go, once an hour
 MAX_TOKENS = 2**31 - 1  # the log columns are INTEGER; beyond this an upstream reports nonsense
 _STRING_LIMITS = {"endpoint": 50, "model": 200, "upstream_model": 200, "error_type": 100, "cache": 10, "policy": 50}
 
@@ -134,6 +137,7 @@ class UsageRecorder:
         try:
             with Session(self.engine) as s:
                 s.execute(insert(RequestLog), logs)
+                add_stats(s.connection(), logs)  # the dashboard's rollup, in the same transaction
                 s.commit()
             return
         except OperationalError:
@@ -144,6 +148,7 @@ class UsageRecorder:
             try:
                 with Session(self.engine) as s:
                     s.execute(insert(RequestLog), [entry])
+                    add_stats(s.connection(), [entry])
                     s.commit()
             except OperationalError:
                 raise
@@ -151,6 +156,17 @@ class UsageRecorder:
                 log.error("dropped a request log the database refuses: %s", str(exc).splitlines()[0][:300])
 
     async def flush_forever(self, interval_s: float) -> None:
+        pruned_at = 0.0
         while True:
             await asyncio.sleep(interval_s)
             await self.flush()
+            if time.monotonic() - pruned_at > PRUNE_EVERY_S:
+                pruned_at = time.monotonic()
+                try:
+                    await asyncio.to_thread(self._prune_stats)
+                except Exception as exc:  # the next hour tries again; nothing depends on it meanwhile
+                    log.warning("pruning old per-minute stats failed: %s", str(exc).splitlines()[0][:300])
+
+    def _prune_stats(self) -> None:
+        with self.engine.begin() as conn:
+            prune_minutes(conn, utcnow())

@@ -240,6 +240,11 @@ def test_a_burst_larger_than_the_redis_pool_keeps_limits_on(tmp_path, upstream):
                                              env={"RELAY_REDIS_URL": f"redis://127.0.0.1:{port}/0"}) as relay:
         add_fake_channel(relay, upstream[1], "fake", ["slow"], model_mapping={"slow": "slow-1500"})
         key = relay.new_key(rpm=60)["key"]  # one a second, a burst of one
+        started = time.monotonic()
         with ThreadPoolExecutor(200) as pool:
             statuses = list(pool.map(lambda _: _ask(relay, key, model="slow"), range(200)))
-        assert set(statuses) <= {200, 429} and statuses.count(200) <= 5, statuses.count(200)
+        elapsed = time.monotonic() - started
+    # one a second while the burst lasts (longer on a slow machine), plus the burst of one and some slack;
+    # served unlimited, most of the 200 would pass
+    allowed = 1 + int(elapsed) + 3
+    assert set(statuses) <= {200, 429} and statuses.count(200) <= allowed, (statuses.count(200), elapsed)

@@ -78,3 +78,36 @@ def test_cli_db_upgrade(tmp_path):
     engine = db.make_engine(url)
     assert set(inspect(engine).get_table_names()) >= TABLES
     engine.dispose()
+
+
+def test_request_stats_are_backfilled_from_the_log_and_equal_the_live_rollup(db_url):
+    """Upgrading a database that already has a request log rolls it up; the result is what the log writer
+    would have written (relay.rollup), so old and new rows chart alike."""
+    from datetime import UTC, datetime, timedelta
+
+    from alembic import command
+    from sqlalchemy import insert, select
+
+    from relay.models import RequestLog, request_stats
+    from relay.rollup import rollup
+
+    command.upgrade(db.alembic_config(db_url), "0003")
+    now = datetime(2026, 11, 28, 12, 0, 30, tzinfo=UTC)
+    logs = [{"created_at": now + timedelta(seconds=40 * i), "tenant_id": 1 + i % 2, "key_id": 1, "endpoint": "chat",
+             "model": ("m-a", "m-b")[i % 3 == 0], "channel_id": None if i == 4 else 7, "stream": False,
+             "status_code": {4: 404, 5: 502}.get(i, 200), "prompt_tokens": i, "completion_tokens": 2 * i,
+             "total_tokens": 3 * i, "latency_ms": 3.0 * 10 ** (i % 5), "cache": ("hit", "miss", "bypass")[i % 3]}
+            for i in range(120)]
+    engine = db.make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(insert(RequestLog.__table__), logs)
+    db.upgrade(db_url)
+    with engine.connect() as conn:
+        stored = [dict(r._mapping) for r in conn.execute(select(request_stats)).all()]
+    engine.dispose()
+    key = ("width", "start", "model", "channel_id", "tenant_id")
+    expected = sorted(rollup(logs), key=lambda r: tuple(str(r[k]) for k in key))
+    assert sorted(stored, key=lambda r: tuple(str(r[k]) for k in key)) == expected
+    assert sum(r["requests"] for r in stored if r["width"] == 3600) == 120 == sum(r["requests"] for r in stored
+                                                                                   if r["width"] == 60)
+    assert {r["model"] for r in stored} == {"m-a", "m-b", "(unknown model)"}  # the 404 without a channel
