@@ -49,6 +49,7 @@ from bench.common import (  # noqa: E402
     run,
     wait_ready,
 )
+from bench.streams import LONG, SHORT, UPSTREAM_MODELS, StreamResult, measure_streams, report_streams  # noqa: E402
 
 MODEL = "bench-model"
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}).encode()
@@ -71,6 +72,7 @@ class Result:
     outside_ms: list[float] = field(default_factory=list)
     errors: int = 0
     skipped: str | None = None
+    streams: StreamResult | None = None
 
 
 async def one(session: aiohttp.ClientSession, target: Target, res: Result, timed: bool) -> bool:
@@ -110,8 +112,9 @@ async def run_for(session: aiohttp.ClientSession, target: Target, res: Result, c
     return sum(await asyncio.gather(*(loop() for _ in range(conc))))
 
 
-async def measure(target: Target, args: argparse.Namespace) -> Result:
-    """Warm-up, then latency at c=1, then throughput at c=--concurrency, over one keep-alive pool."""
+async def measure(target: Target, args: argparse.Namespace, pid: int | None = None) -> Result:
+    """Non-streamed: warm-up, latency at c=1, throughput at c=--concurrency over one keep-alive pool; then the
+    streamed scenarios (bench.streams), with the CPU time of process `pid` and its children."""
     res = Result()
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
@@ -122,6 +125,9 @@ async def measure(target: Target, args: argparse.Namespace) -> Result:
         t0 = time.perf_counter()
         done = await run_for(session, target, res, args.concurrency, args.duration)
         res.rps = done / (time.perf_counter() - t0)
+    if not args.skip_streams:
+        print(f"  streams: {target.name} ...", file=sys.stderr, flush=True)
+        res.streams = await measure_streams(target.name, target.url, target.headers, args, pid)
     return res
 
 
@@ -137,7 +143,8 @@ async def setup_relay(session: aiohttp.ClientSession, base: str, token: str, ups
 
     tenant = await post("/admin/tenants", {"name": "bench"})
     key = (await post("/admin/keys", {"tenant_id": tenant["id"], "name": "bench"}))["key"]
-    await post("/admin/channels", {"name": "fake", "type": "openai", "base_url": upstream, "models": [MODEL]})
+    await post("/admin/channels", {"name": "fake", "type": "openai", "base_url": upstream,
+                                   "models": [MODEL, SHORT, LONG], "model_mapping": UPSTREAM_MODELS})
     return key
 
 
@@ -172,7 +179,9 @@ async def bench(args: argparse.Namespace, servers: Servers) -> dict[str, Result]
         await check(s, direct)
         print("measuring upstream direct ...", file=sys.stderr, flush=True)
         results = {direct.name: await measure(direct, args),
-                   "policy-relay": await bench_relay(args, servers, s, upstream)}
+                   "policy-relay": await bench_relay(args, servers, s, upstream, workers=1)}
+        if args.relay_workers_2:
+            results["policy-relay x2"] = await bench_relay(args, servers, s, upstream, workers=2)
         cmd = None if args.skip_litellm_proxy else proxy_command(args)
         if args.skip_litellm_proxy:
             results["litellm proxy"] = Result(skipped="--skip-litellm-proxy given")
@@ -183,12 +192,13 @@ async def bench(args: argparse.Namespace, servers: Servers) -> dict[str, Result]
     return results
 
 
-async def bench_relay(args: argparse.Namespace, servers: Servers, s: aiohttp.ClientSession, upstream: str) -> Result:
+async def bench_relay(args: argparse.Namespace, servers: Servers, s: aiohttp.ClientSession, upstream: str,
+                      workers: int) -> Result:
     port, token = free_port(), secrets.token_hex(16)
-    env = {"RELAY_DATABASE_URL": f"sqlite:///{servers.tmp / 'bench.db'}", "RELAY_REDIS_URL": "none",
+    env = {"RELAY_DATABASE_URL": f"sqlite:///{servers.tmp / f'bench-{workers}.db'}", "RELAY_REDIS_URL": "none",
            "RELAY_ADMIN_TOKEN": token, "RELAY_PORT": str(port)}
     base = f"http://127.0.0.1:{port}"
-    proc = servers.start("relay", [sys.executable, "-m", "admin.cli", "serve", "--workers", "1",
+    proc = servers.start("relay", [sys.executable, "-m", "admin.cli", "serve", "--workers", str(workers),
                                    "--log-level", "warning"], env)
     try:
         await wait_ready(s, base + "/health", proc, 60)
@@ -197,8 +207,8 @@ async def bench_relay(args: argparse.Namespace, servers: Servers, s: aiohttp.Cli
     key = await setup_relay(s, base, token, upstream)
     relay = Target("policy-relay", base + "/v1/chat/completions", {"Authorization": f"Bearer {key}"})
     await check(s, relay)
-    print("measuring policy-relay ...", file=sys.stderr, flush=True)
-    result = await measure(relay, args)
+    print(f"measuring policy-relay ({workers} worker{'s' if workers > 1 else ''}) ...", file=sys.stderr, flush=True)
+    result = await measure(relay, args, proc.pid)
     servers.stop("relay")
     return result
 
@@ -206,8 +216,9 @@ async def bench_relay(args: argparse.Namespace, servers: Servers, s: aiohttp.Cli
 async def bench_proxy(args: argparse.Namespace, servers: Servers, s: aiohttp.ClientSession, cmd: list[str],
                       upstream: str) -> Result:
     port, master = free_port(), "sk-bench-" + secrets.token_hex(16)
-    config = {"model_list": [{"model_name": MODEL, "litellm_params": {
-                  "model": f"openai/{MODEL}", "api_base": upstream + "/v1", "api_key": "none"}}],
+    config = {"model_list": [{"model_name": name, "litellm_params": {
+                  "model": f"openai/{UPSTREAM_MODELS.get(name, name)}", "api_base": upstream + "/v1",
+                  "api_key": "none"}} for name in (MODEL, SHORT, LONG)],
               "general_settings": {"master_key": master},  # no database_url: keys are not looked up in a DB
               "litellm_settings": {"telemetry": False}}
     cfg = servers.tmp / "litellm.yaml"
@@ -227,7 +238,7 @@ async def bench_proxy(args: argparse.Namespace, servers: Servers, s: aiohttp.Cli
         servers.stop("litellm")
         return Result(skipped=f"{shlex.join(cmd)} did not start: {exc}\n{servers.log_tail('litellm')}")
     print("measuring litellm proxy ...", file=sys.stderr, flush=True)
-    result = await measure(proxy, args)
+    result = await measure(proxy, args, proc.pid)
     servers.stop("litellm")
     return result
 
@@ -270,6 +281,8 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
     if not proxy.skipped:
         added.append(f"litellm proxy +{pct(proxy.lat_ms, 50) - d50:.2f} ms")
     print("  p50 latency added over upstream direct: " + ", ".join(added))
+    if not args.skip_streams:
+        report_streams(results, args.concurrency)
 
 
 def main() -> int:
@@ -281,6 +294,8 @@ def main() -> int:
     parser.add_argument("--upstream-delay-ms", type=float, default=0.0, help="fake upstream delay (default 0)")
     parser.add_argument("--skip-litellm-proxy", action="store_true", help="measure only (a) and (b)")
     parser.add_argument("--litellm-proxy-cmd", help='command that runs the proxy, e.g. "/venv/bin/litellm"')
+    parser.add_argument("--skip-streams", action="store_true", help="only the non-streamed scenario")
+    parser.add_argument("--relay-workers-2", action="store_true", help="also measure `serve --workers 2`")
     args = parser.parse_args()
 
     install_signal_handlers()

@@ -79,7 +79,8 @@ class UpstreamError(Exception):
 
 class Channel(ABC):
     """Requests arrive already rewritten by the policy, with `model` set to the upstream name.
-    Responses are plain dicts in OpenAI's shape; streams yield OpenAI chunk dicts."""
+    Responses are plain dicts in OpenAI's shape; streams yield OpenAI chunk dicts (or lists of them, from
+    the *_stream_batches methods)."""
 
     type_name: ClassVar[str]
     default_capabilities: ClassVar[ChannelCapabilities] = ChannelCapabilities()
@@ -105,3 +106,19 @@ class Channel(ABC):
 
     @abstractmethod
     def completion_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    # What the pipeline reads: chunks in lists of those that arrived together, relayed with one write each. A
+    # channel that reads bytes off the wire overrides these; by default every chunk is its own list.
+    def chat_stream_batches(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        return _one_by_one(self.chat_stream(request))
+
+    def completion_stream_batches(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        return _one_by_one(self.completion_stream(request))
+
+
+async def _one_by_one(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:
+    try:
+        async for chunk in chunks:
+            yield [chunk]
+    finally:
+        await chunks.aclose()  # closing the batches closes the channel's stream (and its connection)

@@ -50,6 +50,16 @@ class OpenAIChannel(LiteLLMChannel):
             return super().chat_stream(request)
         return self.client.stream("/chat/completions", _without_relay_fields(request))
 
+    def chat_stream_batches(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        if self.client is None:
+            return super().chat_stream_batches(request)
+        return self.client.stream_batches("/chat/completions", _without_relay_fields(request))
+
+    def completion_stream_batches(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        if self.client is None:
+            return super().completion_stream_batches(request)
+        return self.client.stream_batches("/completions", _without_relay_fields(request))
+
     async def completion(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.client is None:
             return await super().completion(request)

@@ -18,6 +18,7 @@ from channels import errors
 from channels.base import UpstreamError
 
 _MAX_ERROR_BODY = 64 * 1024
+_MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event larger than this is a broken stream, not a buffer to grow
 _sessions: dict[int, aiohttp.ClientSession] = {}  # one connection pool per event loop (per process)
 
 
@@ -68,8 +69,15 @@ class OpenAIClient:
         return data
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The upstream's events as dicts. Closing this generator closes the upstream connection, so a client
-        that goes away stops the generation upstream too."""
+        """The upstream's events one by one (see stream_batches)."""
+        async for batch in self.stream_batches(path, body):
+            for event in batch:
+                yield event
+
+    async def stream_batches(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """The upstream's events as dicts, in lists of those that arrived together: a fast upstream's burst
+        is relayed with one write, not one per event. Closing this generator closes the upstream connection,
+        so a client that goes away stops the generation upstream too."""
         # No total time for a stream: the timeout bounds connecting and each wait for the next bytes.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
         try:
@@ -77,19 +85,20 @@ class OpenAIClient:
                                        timeout=timeout) as response:
                 if response.status >= 400:
                     raise await _failure(response)
-                async for line in response.content:
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, `event:` names and `:` comments carry nothing here
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
+                tail = b""
+                async for data in response.content.iter_any():
+                    lines = (tail + data).split(b"\n") if tail else data.split(b"\n")
+                    tail = lines.pop()  # an event cut by the read: completed by the next one
+                    if len(tail) > _MAX_EVENT_BYTES:
+                        raise ValueError("an event without end")
+                    batch, done = _events(lines)
+                    if batch:
+                        yield batch
+                    if done:
                         return
-                    event = orjson.loads(data)
-                    if isinstance(event, dict) and "error" in event and not event.get("choices"):
-                        error = event["error"] if isinstance(event["error"], dict) else {}
-                        message = errors.safe_message(error.get("message"))
-                        raise UpstreamError(502, f"The upstream stream failed: {message}", retryable=True,
-                                            kind="stream_error")
-                    yield event
+                batch, _ = _events([tail])
+                if batch:
+                    yield batch
         except UpstreamError:
             raise
         except TimeoutError:
@@ -98,6 +107,24 @@ class OpenAIClient:
             raise errors.unreachable() from None
         except (orjson.JSONDecodeError, aiohttp.ClientError, ValueError):
             raise UpstreamError(502, "The upstream stream broke off.", retryable=True, kind="stream_error") from None
+
+
+def _events(lines: list[bytes]) -> tuple[list[dict[str, Any]], bool]:
+    """The `data:` events of these complete lines, and whether `[DONE]` ended the stream."""
+    events = []
+    for line in lines:
+        if not line.startswith(b"data:"):
+            continue  # blank separators, `event:` names and `:` comments carry nothing here
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return events, True
+        event = orjson.loads(data)
+        if isinstance(event, dict) and "error" in event and not event.get("choices"):
+            error = event["error"] if isinstance(event["error"], dict) else {}
+            message = errors.safe_message(error.get("message"))
+            raise UpstreamError(502, f"The upstream stream failed: {message}", retryable=True, kind="stream_error")
+        events.append(event)
+    return events, False
 
 
 async def _failure(response: aiohttp.ClientResponse) -> UpstreamError:

@@ -76,14 +76,14 @@ async def _relay(request: Request, endpoint: str, schema) -> Response:
     return Response(orjson.dumps(result.body), media_type="application/json", headers=result.headers)
 
 
-async def _framed(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Server-sent events, `data: [DONE]` last (after an error event too, as vLLM does)."""
+async def _framed(batches: AsyncIterator[list[dict[str, Any]]]) -> AsyncIterator[bytes]:
+    """Server-sent events, a batch per write, `data: [DONE]` last (after an error event too, as vLLM does)."""
     try:
-        async for event in events:
-            yield sse(event)
+        async for batch in batches:
+            yield sse(batch[0]) if len(batch) == 1 else b"".join(sse(event) for event in batch)
         yield SSE_DONE
     finally:
-        await events.aclose()  # a client gone mid-stream: the pipeline logs, bills and releases now, not at GC
+        await batches.aclose()  # a client gone mid-stream: the pipeline logs, bills and releases now, not at GC
 
 
 @router.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatRequest), tags=["openai"])

@@ -43,12 +43,12 @@ class RelayCall:
 
 @dataclass
 class RelayResult:
-    """An answer, or a stream of OpenAI chunk dicts (the last one may be an error event); the HTTP layer frames
-    them as server-sent events."""
+    """An answer, or a stream of lists of OpenAI chunk dicts (the chunks that arrived together; the last may be
+    an error event); the HTTP layer frames each list as server-sent events in one write."""
 
     headers: dict[str, str]
     body: dict[str, Any] | None = None
-    stream: AsyncIterator[dict[str, Any]] | None = None
+    stream: AsyncIterator[list[dict[str, Any]]] | None = None
 
 
 @dataclass
@@ -152,9 +152,8 @@ class Pipeline:
             return RelayResult(headers=headers, body=replay_response(stored, model))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        async def replay() -> AsyncIterator[dict[str, Any]]:
-            for chunk in replay_chunks(stored, model, include_usage):
-                yield chunk
+        async def replay() -> AsyncIterator[list[dict[str, Any]]]:
+            yield replay_chunks(stored, model, include_usage)  # all at once: one write
 
         return RelayResult(headers=headers, stream=replay())
 
@@ -280,8 +279,8 @@ class Pipeline:
         for channel in _tries(channels, failures):
             attempt.channel = channel
             request = self._upstream_request(attempt, channel)
-            chunks = (channel.chat_stream if attempt.call.endpoint == "chat" else channel.completion_stream)(
-                request)
+            chunks = (channel.chat_stream_batches if attempt.call.endpoint == "chat"
+                      else channel.completion_stream_batches)(request)
             try:
                 # Nothing has reached the client yet, so a failure here can still be a clean HTTP error
                 # (or, with failover, the next channel).
@@ -297,8 +296,9 @@ class Pipeline:
             return RelayResult(headers=self._headers(attempt), stream=self._relay_stream(attempt, first, chunks))
         raise _client_error(failures[-1])
 
-    async def _relay_stream(self, attempt: _Attempt, first: dict[str, Any] | None,
-                            chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    async def _relay_stream(self, attempt: _Attempt, first: list[dict[str, Any]] | None,
+                            chunks: AsyncIterator[list[dict[str, Any]]]) -> AsyncIterator[list[dict[str, Any]]]:
+        """The client's chunks, a list per upstream batch (what arrived together leaves together)."""
         body = attempt.call.body
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         model = body["model"]
@@ -309,35 +309,38 @@ class Pipeline:
         keep = attempt.store is not None and not wants_json_retry(attempt.outcome)
         assembler = StreamAssembler(attempt.call.endpoint) if keep else None
         try:
-            chunk = first
-            while chunk is not None:
-                if assembler is not None:
-                    assembler.add(chunk)
-                for choice in chunk.get("choices", ()):
-                    piece = (choice.get("delta") or {}).get("content") or choice.get("text")
-                    if piece:
-                        sent.append(piece)
-                if chunk.get("usage"):
-                    usage = chunk["usage"] = clean_usage(chunk["usage"])
-                    if not chunk.get("choices") and not wants_usage:
-                        chunk = await self.drain.next(chunks)
-                        continue
-                    if not wants_usage:
-                        chunk = {k: v for k, v in chunk.items() if k != "usage"}
-                chunk["model"] = model
-                yield chunk
-                chunk = await self.drain.next(chunks)
+            batch = first
+            while batch is not None:
+                out = []
+                for chunk in batch:
+                    if assembler is not None:
+                        assembler.add(chunk)
+                    for choice in chunk.get("choices", ()):
+                        piece = (choice.get("delta") or {}).get("content") or choice.get("text")
+                        if piece:
+                            sent.append(piece)
+                    if chunk.get("usage"):
+                        usage = chunk["usage"] = clean_usage(chunk["usage"])
+                        if not chunk.get("choices") and not wants_usage:
+                            continue
+                        if not wants_usage:
+                            chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                    chunk["model"] = model
+                    out.append(chunk)
+                if out:
+                    yield out
+                batch = await self.drain.next(chunks)
         except UpstreamError as exc:
             status, error_type = exc.status, exc.kind
-            yield _client_error(exc).body()
+            yield [_client_error(exc).body()]
         except DrainTimeout:
             status, error_type = 503, "shutting_down"
-            yield APIError(503, "The relay is restarting and ended this stream early; retry the request.",
-                           "server_error", None, "shutting_down").body()
+            yield [APIError(503, "The relay is restarting and ended this stream early; retry the request.",
+                            "server_error", None, "shutting_down").body()]
         except Exception:
             log.exception("stream from channel %s broke", attempt.channel.config.name)
             status, error_type = 502, "stream_error"
-            yield _client_error(UpstreamError(502, "The upstream stream broke off.", retryable=True)).body()
+            yield [_client_error(UpstreamError(502, "The upstream stream broke off.", retryable=True)).body()]
         except BaseException:
             status, error_type = 499, "client_disconnected"  # cancelled: the client went away
             raise

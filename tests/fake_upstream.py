@@ -7,8 +7,9 @@ or the error code `account_deactivated`),
 `huge-usage` reports absurd token counts, `slow-<ms>...` waits that long before answering,
 `json-by-temperature` answers broken JSON above temperature 0.5
 (or with none) and valid JSON at or below it, `json-redos` answers {"a": "aaa…a"} (40 a's, the input that makes
-`^(a+)+X$` backtrack for ages), `words-<n>` answers n words, `drip-<n>-<ms>` answers n words and streams them
-one every <ms> milliseconds, anything else answers "Hello from <model>".
+`^(a+)+X$` backtrack for ages), `words-<n>` answers n words, `numbered-<n>` n distinct words (w0 w1 …),
+`drip-<n>-<ms>` answers n words and streams them one every <ms> milliseconds, anything else answers
+"Hello from <model>".
 
 Run alone: python -m tests.fake_upstream --port 9101 [--delay-ms 50]"""
 
@@ -41,6 +42,8 @@ class FakeUpstream:
             return '{"a": "' + "a" * 40 + '"}'
         if model.startswith(("words-", "drip-")):
             return " ".join(["word"] * int(model.split("-")[1]))
+        if model.startswith("numbered-"):  # distinct words: LiteLLM stops a stream that repeats one chunk 100 times
+            return " ".join(f"w{i}" for i in range(int(model.split("-")[1])))
         return f"Hello from {model}"
 
     async def __call__(self, scope, receive, send) -> None:
