@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
-from admin.deps import FilterId, require_admin
+from admin import service
+from admin.deps import FilterId, JSONLimitedRoute, db_session, require_admin
 from admin.schemas import TextFilter
 
-router = APIRouter(prefix="/admin/cache", tags=["cache"])
+router = APIRouter(prefix="/admin/cache", tags=["cache"], route_class=JSONLimitedRoute)
 
 
 @router.get("")
@@ -20,7 +23,9 @@ async def cache_stats(request: Request, _: str = Depends(require_admin)) -> dict
 
 @router.delete("")
 async def purge(request: Request, model: TextFilter = None, tenant_id: FilterId = None,
-                _: str = Depends(require_admin)) -> dict[str, Any]:
+                s: Session = Depends(db_session), actor: str = Depends(require_admin)) -> dict[str, Any]:
     """Without a filter, everything; `model` or `tenant_id` purge only that model's or tenant's entries."""
     removed = await request.app.state.cache.purge(model=model, tenant_id=tenant_id)
+    await run_in_threadpool(service.record_cache_purge, s, {"model": model, "tenant_id": tenant_id}, removed,
+                            actor)
     return {"purged": removed}

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from admin import service
 from admin.crud import get_or_404
-from admin.deps import RowId, announce, db_session, require_admin, secret_box
+from admin.deps import JSONLimitedRoute, RowId, announce, db_session, require_admin, secret_box
 from admin.schemas import ChannelCreate, ChannelOut, ChannelUpdate
 from channels.base import UpstreamError
 from channels.registry import build
@@ -18,7 +18,7 @@ from relay.catalog import channel_config
 from relay.models import Channel, utcnow
 from relay.secrets import SecretBox
 
-router = APIRouter(prefix="/admin/channels", tags=["channels"])
+router = APIRouter(prefix="/admin/channels", tags=["channels"], route_class=JSONLimitedRoute)
 
 
 @router.post("", status_code=201, response_model=ChannelOut)

@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 
-from relay.settings import Settings
+from relay.settings import SecretKeyError, Settings
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -232,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from relay.secrets import SecretKeyError
-
     try:
         return args.func(args, Settings.from_env())
     except SecretKeyError as exc:

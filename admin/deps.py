@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Path, Query, Request
+from fastapi.routing import APIRoute
 from sqlmodel import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from backends.wire.json_limits import load_json
 from relay.auth import bearer_token
 from relay.errors import APIError
 from relay.secrets import SecretBox
@@ -56,6 +58,29 @@ class AdminGuard:
                 await exc.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class JSONLimitedRoute(APIRoute):
+    """Admin routes: a JSON body is held to the same structural limits as /v1 bodies (depth, containers) before
+    FastAPI parses it, so a deep `options` or `rules` value is a 400 naming where, not a recursion error in the
+    secret redaction or the serialiser. The body is already size-limited (relay.app's BodyLimit)."""
+
+    def get_route_handler(self):  # noqa: ANN201 (Starlette's endpoint type)
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):  # noqa: ANN202
+            if request.method in ("POST", "PUT", "PATCH"):
+                raw = await request.body()  # cached on the request: FastAPI's own parse reads it again
+                if raw.strip():
+                    try:
+                        load_json(raw)
+                    except APIError as exc:
+                        if exc.code == "invalid_value":  # too deep or too many containers
+                            raise
+                        # not JSON at all: FastAPI's own parse answers that, as it always has
+            return await handler(request)
+
+        return checked
 
 
 def db_session(request: Request) -> Iterator[Session]:

@@ -7,11 +7,11 @@ from sqlmodel import Session, select
 
 from admin import service
 from admin.crud import get_or_404
-from admin.deps import FilterId, RowId, announce, db_session, require_admin
+from admin.deps import FilterId, JSONLimitedRoute, RowId, announce, db_session, require_admin
 from admin.schemas import KeyCreate, KeyCreated, KeyOut, KeyUpdate
 from relay.models import ApiKey
 
-router = APIRouter(prefix="/admin/keys", tags=["keys"])
+router = APIRouter(prefix="/admin/keys", tags=["keys"], route_class=JSONLimitedRoute)
 
 
 @router.post("", status_code=201, response_model=KeyCreated)

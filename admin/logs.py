@@ -16,12 +16,12 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine, Select, case, func
 from sqlmodel import Session, select
 
-from admin.deps import FilterId, db_session, require_admin
+from admin.deps import FilterId, JSONLimitedRoute, db_session, require_admin
 from admin.schemas import TextFilter, UtcDateTime
 from relay.errors import bad_request
 from relay.models import RequestLog
 
-router = APIRouter(prefix="/admin", tags=["logs"])
+router = APIRouter(prefix="/admin", tags=["logs"], route_class=JSONLimitedRoute)
 
 CSV_MAX_ROWS = 100_000  # one export; narrow the filters for more
 _CSV_BATCH = 2_000

@@ -2,51 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, select
 
 from admin import service
 from admin.crud import get_or_404
-from admin.deps import RowId, announce, db_session, require_admin
-from admin.schemas import INT32_MAX, Int32, ModelName, RowRef, _Patch
+from admin.deps import JSONLimitedRoute, RowId, announce, db_session, require_admin
+from admin.schemas import INT32_MAX, PolicyCreate, PolicyUpdate
 from relay.errors import bad_request
 from relay.models import ModelPolicy
 from relay.policy import apply_policy
 from relay.policy_rules import PRESETS, Rules
 
-router = APIRouter(prefix="/admin/policies", tags=["policies"])
-
-PresetName = Literal[tuple(PRESETS)]  # named once, in relay.policy_rules
-
-
-class PolicyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model_pattern: ModelName
-    tenant_id: RowRef | None = None
-    priority: Int32 = 0
-    rules: Rules | None = None
-    preset: PresetName | None = None
-    enabled: bool = True
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PolicyCreate:
-        if (self.rules is None) == (self.preset is None):
-            raise ValueError("give exactly one of `rules` and `preset`")
-        return self
-
-
-class PolicyUpdate(_Patch):
-    nullable = frozenset({"tenant_id"})
-    model_pattern: ModelName | None = None
-    tenant_id: RowRef | None = None
-    priority: Int32 | None = None
-    rules: Rules | None = None
-    preset: PresetName | None = None
-    enabled: bool | None = None
-
+router = APIRouter(prefix="/admin/policies", tags=["policies"], route_class=JSONLimitedRoute)
 
 class PolicyOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -64,10 +35,6 @@ class ExplainBody(BaseModel):
     request: dict[str, Any]  # a chat completions body
     tenant_id: int | None = Field(default=None, ge=1, le=INT32_MAX)
     task: str | None = None  # as the X-Relay-Task header would give it
-
-
-def _stored(rules: Rules | None, preset: str | None) -> dict[str, Any]:
-    return (rules or Rules.model_validate(PRESETS[preset or ""])).model_dump(exclude_none=True)
 
 
 @router.get("/presets")
@@ -88,9 +55,7 @@ def explain(body: ExplainBody, request: Request, _: str = Depends(require_admin)
 @router.post("", status_code=201, response_model=PolicyOut)
 def create_policy(body: PolicyCreate, request: Request, s: Session = Depends(db_session),
                   actor: str = Depends(require_admin)) -> ModelPolicy:
-    policy = service.create_policy(s, {"model_pattern": body.model_pattern, "tenant_id": body.tenant_id,
-                                       "priority": body.priority, "rules": _stored(body.rules, body.preset),
-                                       "enabled": body.enabled}, actor)
+    policy = service.create_policy(s, body, actor)
     announce(request)
     return policy
 
@@ -108,12 +73,7 @@ def get_policy(policy_id: RowId, s: Session = Depends(db_session), _: str = Depe
 @router.patch("/{policy_id}", response_model=PolicyOut)
 def update_policy(policy_id: RowId, body: PolicyUpdate, request: Request, s: Session = Depends(db_session),
                   actor: str = Depends(require_admin)) -> ModelPolicy:
-    changes = body.model_dump(exclude_unset=True, exclude={"rules", "preset"})
-    if body.rules is not None or body.preset is not None:
-        if body.rules is not None and body.preset is not None:
-            raise bad_request("Give at most one of `rules` and `preset`.", "rules")
-        changes["rules"] = _stored(body.rules, body.preset)
-    policy = service.update_policy(s, policy_id, changes, actor)
+    policy = service.update_policy(s, policy_id, body, actor)
     announce(request)
     return policy
 

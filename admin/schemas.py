@@ -8,10 +8,21 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from fastapi import Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from admin.crud import redact_options, redact_url
+from channels.base import ChannelCapabilities
 from channels.registry import channel_types
+from relay.policy_rules import PRESETS, Rules
 
 INT32_MAX = 2**31 - 1  # PostgreSQL INTEGER columns
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
@@ -147,12 +158,11 @@ class KeyCreated(KeyOut):
 
 # --- channels ------------------------------------------------------------------------------------
 
-class CapabilityOverrides(_In):
-    """What the operator declares about a channel's upstream, over its type's defaults (GET shows the result)."""
-
-    seeded_determinism: bool | None = None
-    stream_usage: bool | None = None
-    constrained_decoding: bool | None = None
+# What the operator declares about a channel's upstream, over its type's defaults (GET shows the result): every
+# ChannelCapabilities field, optional, so a capability added there is accepted here without another list.
+CapabilityOverrides = create_model(
+    "CapabilityOverrides", __base__=_In,
+    **{name: (field.annotation | None, None) for name, field in ChannelCapabilities.model_fields.items()})
 
 
 class _ChannelFields(_In):
@@ -249,3 +259,34 @@ class ChannelOut(_Out):
         data["capabilities"] = (kind.effective_capabilities(row.capabilities or {}).model_dump() if kind
                                 else dict(row.capabilities or {}))
         return cls(**data, has_api_key=bool(row.api_key))
+
+
+# --- policies ------------------------------------------------------------------------------------
+
+PresetName = Literal[tuple(PRESETS)]  # named once, in relay.policy_rules
+
+
+class PolicyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_pattern: ModelName
+    tenant_id: RowRef | None = None
+    priority: Int32 = 0
+    rules: Rules | None = None
+    preset: PresetName | None = None
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PolicyCreate:
+        if (self.rules is None) == (self.preset is None):
+            raise ValueError("give exactly one of `rules` and `preset`")
+        return self
+
+
+class PolicyUpdate(_Patch):
+    nullable = frozenset({"tenant_id"})
+    model_pattern: ModelName | None = None
+    tenant_id: RowRef | None = None
+    priority: Int32 | None = None
+    rules: Rules | None = None
+    preset: PresetName | None = None
+    enabled: bool | None = None

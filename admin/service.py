@@ -9,16 +9,27 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, select
 
 from admin.crud import get_or_404, snapshot_row
-from admin.schemas import ChannelCreate, ChannelUpdate, KeyCreate, KeyUpdate, TenantCreate, TenantUpdate
+from admin.schemas import (
+    ChannelCreate,
+    ChannelUpdate,
+    KeyCreate,
+    KeyUpdate,
+    PolicyCreate,
+    PolicyUpdate,
+    TenantCreate,
+    TenantUpdate,
+)
 from relay import config_state
 from relay.auth import hash_secret, new_secret, shown_prefix
-from relay.errors import APIError, not_found
+from relay.errors import APIError, bad_request, not_found
 from relay.models import ApiKey, AuditEvent, Channel, ModelPolicy, Tenant, utcnow
+from relay.policy_rules import PRESETS, Rules
 from relay.secrets import SecretBox
 
 Row = TypeVar("Row", bound=SQLModel)
@@ -147,6 +158,11 @@ def delete_channel(s: Session, channel_id: int, actor: str) -> None:
 
 def upsert_local_channel(s: Session, name: str, url: str, model: str, actor: str) -> Channel:
     """The channel of a worker started by `serve --with-worker` (or named by `--worker-url`)."""
+    try:
+        ChannelCreate(name=name, type="local", base_url=url, models=[model])  # the admin API's own checks
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise bad_request(f"The worker's channel: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     channel = s.exec(select(Channel).where(Channel.name == name)).first()
     before = snapshot_row(channel)
     if channel is None:
@@ -177,20 +193,37 @@ def auto_disable(s: Session, channel_id: int, reason: str) -> bool:
 
 # --- policies ------------------------------------------------------------------------------------
 
+def record_cache_purge(s: Session, filters: dict[str, Any], purged: int, actor: str) -> None:
+    """A purge changes no configuration (no version bump) but is an operator's act: audited like one."""
+    s.add(AuditEvent(actor=actor, action="purge", entity="cache", entity_id=None, before=None,
+                     after={**filters, "purged": purged}))
+    s.commit()
+
+
 def check_tenant(s: Session, tenant_id: int | None) -> None:
     if tenant_id is not None and s.get(Tenant, tenant_id) is None:
         raise not_found(f"No tenant with id {tenant_id}.", "tenant_id", "tenant_not_found")
 
 
-def create_policy(s: Session, fields: dict[str, Any], actor: str) -> ModelPolicy:
-    check_tenant(s, fields.get("tenant_id"))
-    policy = ModelPolicy(**fields)
+def _stored_rules(rules: Rules | None, preset: str | None) -> dict[str, Any]:
+    """What a policy row keeps: the rules given, or the preset's, validated and without unset fields."""
+    return (rules or Rules.model_validate(PRESETS[preset or ""])).model_dump(exclude_none=True)
+
+
+def create_policy(s: Session, body: PolicyCreate, actor: str) -> ModelPolicy:
+    check_tenant(s, body.tenant_id)
+    policy = ModelPolicy(**body.model_dump(exclude={"rules", "preset"}), rules=_stored_rules(body.rules, body.preset))
     save(s, action="create", entity="policy", row=policy, before=None, actor=actor)
     return policy
 
 
-def update_policy(s: Session, policy_id: int, changes: dict[str, Any], actor: str) -> ModelPolicy:
+def update_policy(s: Session, policy_id: int, body: PolicyUpdate, actor: str) -> ModelPolicy:
     get_or_404(s, ModelPolicy, policy_id, "policy")  # a missing policy is named before a missing tenant
+    changes = body.model_dump(exclude_unset=True, exclude={"rules", "preset"})
+    if body.rules is not None or body.preset is not None:
+        if body.rules is not None and body.preset is not None:
+            raise bad_request("Give at most one of `rules` and `preset`.", "rules")
+        changes["rules"] = _stored_rules(body.rules, body.preset)
     if "tenant_id" in changes:
         check_tenant(s, changes["tenant_id"])
     return _edit(s, ModelPolicy, policy_id, "policy", changes, actor)

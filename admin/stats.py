@@ -15,12 +15,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import case, func, select
 from sqlmodel import Session
 
-from admin.deps import db_session, require_admin
+from admin.deps import JSONLimitedRoute, db_session, require_admin
 from admin.schemas import UtcDateTime
 from relay.errors import bad_request
 from relay.models import LATENCY_COLUMNS, LATENCY_EDGES_MS, STAT_SUMS, request_stats
 
-router = APIRouter(prefix="/admin", tags=["stats"])
+router = APIRouter(prefix="/admin", tags=["stats"], route_class=JSONLimitedRoute)
 
 BUCKET_SECONDS = {"1m": 60, "1h": 3600}
 DEFAULT_SPAN = {"1m": timedelta(hours=1), "1h": timedelta(days=1)}

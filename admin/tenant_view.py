@@ -12,13 +12,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import func, select
 from sqlmodel import Session
 
-from admin.deps import db_session
+from admin.deps import JSONLimitedRoute, db_session
 from admin.logs import Cursor, LogFilter, log_page
 from relay.auth import Principal, authenticate
 from relay.errors import APIError
 from relay.models import ApiKey, Tenant, request_stats, utcnow
 
-router = APIRouter(prefix="/tenant", tags=["tenant"])
+router = APIRouter(prefix="/tenant", tags=["tenant"], route_class=JSONLimitedRoute)
 
 READS_PER_MINUTE = 60  # per key and process: these reads hit the database, unlike the relay's hot path
 

@@ -7,11 +7,11 @@ from sqlmodel import Session, select
 
 from admin import service
 from admin.crud import get_or_404
-from admin.deps import RowId, announce, db_session, require_admin
+from admin.deps import JSONLimitedRoute, RowId, announce, db_session, require_admin
 from admin.schemas import TenantCreate, TenantOut, TenantUpdate
 from relay.models import Tenant
 
-router = APIRouter(prefix="/admin/tenants", tags=["tenants"])
+router = APIRouter(prefix="/admin/tenants", tags=["tenants"], route_class=JSONLimitedRoute)
 
 
 @router.post("", status_code=201, response_model=TenantOut)

@@ -6,13 +6,13 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy import case, func
 from sqlmodel import Session, select
 
-from admin.deps import FilterId, db_session, require_admin
+from admin.deps import FilterId, JSONLimitedRoute, db_session, require_admin
 from admin.logs import Cursor
 from admin.schemas import TextFilter, UtcDateTime
 from relay.errors import bad_request
 from relay.models import AuditEvent, RequestLog
 
-router = APIRouter(prefix="/admin", tags=["usage"])
+router = APIRouter(prefix="/admin", tags=["usage"], route_class=JSONLimitedRoute)
 
 
 @router.get("/usage")

@@ -103,8 +103,7 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: 
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return _json({"object": "list", "data": [{"id": lm.name, "object": "model", "created": 0,
-                                                   "owned_by": "policy-relay-worker"}]})
+        return _json(wire.model_list([wire.model_card(lm.name, 0, "policy-relay-worker")]))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

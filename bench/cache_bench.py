@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Servers, free_port, pct, wait_ready  # noqa: E402
+from bench.common import Servers, free_port, pct, server_timing, wait_ready  # noqa: E402
 from bench.relay_bench import MODEL, setup_relay  # noqa: E402
 
 _counter = itertools.count()
@@ -46,10 +46,8 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, hit: bool, lat
     if r.status != 200 or outcome != ("hit" if hit else "miss"):
         raise RuntimeError(f"expected a {'hit' if hit else 'miss'}, got {r.status} {outcome}")
     lat.append((time.perf_counter() - t0) * 1000)
-    for part in timing.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        if name == "relay" and dur:
-            inside.append(float(dur))
+    if "relay" in (durations := server_timing(timing)):
+        inside.append(durations["relay"])
 
 
 async def phase(url: str, key: str, hit: bool, concurrency: int, seconds: float, requests: int) -> dict:
@@ -81,12 +79,9 @@ async def main(args: argparse.Namespace) -> None:
     redis.Redis.from_url(redis_url).flushdb()
     servers = Servers(Path(tempfile.mkdtemp(prefix="cache-bench-")))
     try:
-        up_port, port, token = free_port(), free_port(), secrets.token_hex(16)
-        upstream = f"http://127.0.0.1:{up_port}"
+        port, token = free_port(), secrets.token_hex(16)
         async with aiohttp.ClientSession() as s:
-            proc = servers.start("upstream", [sys.executable, "-m", "tests.fake_upstream", "--port", str(up_port),
-                                              "--delay-ms", str(args.upstream_delay_ms)])
-            await wait_ready(s, upstream + "/v1/models", proc, 30)
+            upstream = await servers.start_fake_upstream(s, free_port(), args.upstream_delay_ms)
             env = {"RELAY_DATABASE_URL": f"sqlite:///{servers.tmp / 'bench.db'}", "RELAY_REDIS_URL": redis_url,
                    "RELAY_ADMIN_TOKEN": token, "RELAY_PORT": str(port)}
             base = f"http://127.0.0.1:{port}"

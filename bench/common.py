@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 from tests.net import free_port  # noqa: E402
 
 __all__ = ["ROOT", "STOP", "Servers", "checkpoint", "free_port", "install_signal_handlers", "pct", "run",
-           "wait_ready"]
+           "server_timing", "wait_ready"]
 
 # Set by SIGINT/SIGTERM and checked before every request: raising from the signal handler itself could land
 # inside a uvloop or aiohttp callback that turns it into a mere connection error.
@@ -34,6 +34,16 @@ def pct(values: list[float], p: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] if ordered else float("nan")
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """`Server-Timing: upstream;dur=1.2, relay;dur=0.3` → {"upstream": 1.2, "relay": 0.3}."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name and dur:
+            out[name] = float(dur)
+    return out
 
 
 class Servers:
@@ -50,6 +60,15 @@ class Servers:
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[name] = proc
         return proc
+
+    async def start_fake_upstream(self, session: aiohttp.ClientSession, port: int, delay_ms: float) -> str:
+        """tests/fake_upstream.py (an OpenAI-speaking server answering at once, or after `delay_ms`) on `port`;
+        its base URL once it answers."""
+        proc = self.start("upstream", [sys.executable, "-m", "tests.fake_upstream", "--port", str(port),
+                                       "--delay-ms", str(delay_ms)])
+        url = f"http://127.0.0.1:{port}"
+        await wait_ready(session, url + "/v1/models", proc, 30)
+        return url
 
     def log_tail(self, name: str, lines: int = 8) -> str:
         text = (self.tmp / f"{name}.log").read_text(errors="replace").strip().splitlines()

@@ -47,6 +47,7 @@ from bench.common import (  # noqa: E402
     install_signal_handlers,
     pct,
     run,
+    server_timing,
     wait_ready,
 )
 from bench.streams import LONG, SHORT, UPSTREAM_MODELS, StreamResult, measure_streams, report_streams  # noqa: E402
@@ -90,12 +91,12 @@ async def one(session: aiohttp.ClientSession, target: Target, res: Result, timed
         return False
     if timed:
         res.lat_ms.append((time.perf_counter() - t0) * 1000)
-        for part in timing.split(","):
-            name, _, dur = part.strip().partition(";dur=")
-            if name in ("relay", "upstream") and dur:
-                (res.relay_ms if name == "relay" else res.upstream_ms).append(float(dur))
-                if name == "upstream":
-                    res.outside_ms.append(res.lat_ms[-1] - float(dur))
+        durations = server_timing(timing)
+        if "relay" in durations:
+            res.relay_ms.append(durations["relay"])
+        if "upstream" in durations:
+            res.upstream_ms.append(durations["upstream"])
+            res.outside_ms.append(res.lat_ms[-1] - durations["upstream"])
     return True
 
 
@@ -169,12 +170,8 @@ def proxy_command(args: argparse.Namespace) -> list[str] | None:
 
 async def bench(args: argparse.Namespace, servers: Servers) -> dict[str, Result]:
     """(a), (b), (c) in turn against one fake upstream; only the target under test runs beside it."""
-    port = free_port()
-    upstream = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        proc = servers.start("upstream", [sys.executable, "-m", "tests.fake_upstream", "--port", str(port),
-                                          "--delay-ms", str(args.upstream_delay_ms)])
-        await wait_ready(s, upstream + "/v1/models", proc, 30)
+        upstream = await servers.start_fake_upstream(s, free_port(), args.upstream_delay_ms)
         direct = Target("upstream direct", upstream + "/v1/chat/completions")
         await check(s, direct)
         print("measuring upstream direct ...", file=sys.stderr, flush=True)

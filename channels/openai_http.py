@@ -1,14 +1,15 @@
 """A direct client for upstreams that speak OpenAI's protocol (channel types `openai` and `local`): the request
-goes as the relay built it, the answer comes back as the upstream wrote it, and a stream is read event by
-event. Nothing is translated, so whatever such an upstream takes reaches it unchanged — token-id prompts,
-`echo`, vLLM's extras, strict tool schemas — and its 4xx errors come back with their own fields.
-Providers that do not speak OpenAI's protocol go through litellm (channels.litellm_base)."""
+goes as the relay built it, the answer comes back as the upstream wrote it, and a stream is read off the socket
+as bytes, in batches of the events that arrived together. Nothing is translated, so whatever such an upstream
+takes reaches it unchanged — token-id prompts, `echo`, vLLM's extras, strict tool schemas — and its 4xx errors
+come back with their own fields. Providers that do not speak OpenAI's protocol go through litellm
+(channels.litellm_base)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -50,20 +51,13 @@ class OpenAIClient:
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        try:
+        with _classified(lambda: UpstreamError(502, "The upstream channel sent an answer that is not JSON.",
+                                               retryable=True)):
             async with _session().post(self.api_base + path, data=orjson.dumps(body), headers=self.headers,
                                        timeout=timeout) as response:
                 if response.status >= 400:
                     raise await _failure(response)
                 data = orjson.loads(await response.read())
-        except UpstreamError:
-            raise
-        except TimeoutError:
-            raise errors.timeout() from None
-        except (aiohttp.ClientConnectionError, OSError):
-            raise errors.unreachable() from None
-        except (orjson.JSONDecodeError, aiohttp.ClientError):
-            raise UpstreamError(502, "The upstream channel sent an answer that is not JSON.", retryable=True) from None
         if not isinstance(data, dict):
             raise UpstreamError(502, "The upstream channel sent an answer that is not a JSON object.", retryable=True)
         return data
@@ -80,7 +74,8 @@ class OpenAIClient:
         so a client that goes away stops the generation upstream too."""
         # No total time for a stream: the timeout bounds connecting and each wait for the next bytes.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
-        try:
+        with _classified(lambda: UpstreamError(502, "The upstream stream broke off.", retryable=True,
+                                               kind="stream_error")):
             async with _session().post(self.api_base + path, data=orjson.dumps(body), headers=self.headers,
                                        timeout=timeout) as response:
                 if response.status >= 400:
@@ -99,14 +94,22 @@ class OpenAIClient:
                 batch, _ = _events([tail])
                 if batch:
                     yield batch
-        except UpstreamError:
-            raise
-        except TimeoutError:
-            raise errors.timeout() from None
-        except (aiohttp.ClientConnectionError, OSError):
-            raise errors.unreachable() from None
-        except (orjson.JSONDecodeError, aiohttp.ClientError, ValueError):
-            raise UpstreamError(502, "The upstream stream broke off.", retryable=True, kind="stream_error") from None
+
+
+@contextlib.contextmanager
+def _classified(broken: Callable[[], UpstreamError]) -> Iterator[None]:
+    """Failures on the way to and from the upstream, as the errors that failover and the breaker count; `broken`
+    makes the error for an answer that cannot be read."""
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except TimeoutError:
+        raise errors.timeout() from None
+    except (aiohttp.ClientConnectionError, OSError):
+        raise errors.unreachable() from None
+    except (aiohttp.ClientError, ValueError):  # orjson.JSONDecodeError is a ValueError
+        raise broken() from None
 
 
 def _events(lines: list[bytes]) -> tuple[list[dict[str, Any]], bool]:

@@ -13,7 +13,7 @@ from relay.auth import Principal
 from relay.errors import APIError
 from relay.limits import RateLimiter
 from relay.quota import Hold, QuotaLedger
-from relay.tokens import output_budget, output_cap, prompt_tokens
+from relay.tokens import output_budget, output_cap, prompt_tokens, text_tokens
 from relay.usage import UsageRecorder, clamp_tokens
 
 EMPTY_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -28,6 +28,39 @@ def clean_usage(usage: Any) -> dict[str, Any]:
         if key.endswith("_details") and isinstance(value, dict):
             out[key] = {k: clamp_tokens(v) for k, v in value.items() if isinstance(v, int | float)}
     return out
+
+
+def total_usage(usages: list[dict[str, Any]]) -> dict[str, int]:
+    return {k: sum(u[k] for u in usages) for k in EMPTY_USAGE}
+
+
+def generated_text(chunk: dict[str, Any]) -> list[str]:
+    """What a chunk carries that the upstream generated: text, reasoning and tool-call arguments."""
+    pieces = []
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        for piece in (delta.get("content"), delta.get("reasoning_content"), choice.get("text")):
+            if isinstance(piece, str) and piece:
+                pieces.append(piece)
+        for call in delta.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict):
+                continue
+            for piece in (function.get("name"), function.get("arguments")):
+                if isinstance(piece, str) and piece:
+                    pieces.append(piece)
+    return pieces
+
+
+async def unreported_usage(entry: Entry, request: dict[str, Any], body_bytes: int, sent: list[str]) -> dict[str, int]:
+    """A stream that ended without the upstream's usage (cut off, or an upstream that never reports it): the
+    upstream read the whole prompt and produced what was sent, so that is the bill."""
+    admission = entry.admission
+    prompt = admission.prompt_tokens if admission is not None else None
+    if prompt is None:
+        prompt = await prompt_tokens(entry.endpoint, request, body_bytes)
+    completion = await text_tokens("".join(sent), request.get("model"))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 @dataclass
@@ -110,6 +143,7 @@ class Accounting:
         admission = entry.admission
         if admission is not None and (admission.hold is not None or admission.tpm):
             entry.admission = None  # settled once, whatever calls finish again
+            self.quota.spending(admission.hold, tokens)  # now in the usage totals, not yet in Redis
             self._later(self._settle(entry.principal, admission, tokens))
         return latency_ms
 

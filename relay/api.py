@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP surface: authenticate, read and validate the body, hand to the pipeline, encode.
 
-Bodies are read as raw bytes (relay.body_limit stops an oversized one while it is read) and parsed by
-relay.openai_schema, large ones and response schemas off the event loop; the request schemas are still
+Bodies are read as raw bytes (backends.wire.body_limit stops an oversized one while it is read) and parsed by
+backends.wire.requests (structural limits in backends.wire.json_limits), large ones and response schemas off the
+event loop; the request schemas are still
 published in /openapi.json for clients and fuzzers."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from backends.wire.requests import ChatRequest, CompletionRequest, parse_body
-from backends.wire.responses import SSE_DONE, sse
+from backends.wire.responses import SSE_DONE, model_card, model_list, sse
 from relay.auth import authenticate, model_allowed
 from relay.errors import APIError, not_found
 from relay.json_check import check_response_schema, response_schema
@@ -104,7 +105,7 @@ async def list_models(request: Request) -> Response:
     for model in sorted(snapshot.channels_by_model):
         if model_allowed(principal, model):
             data.append(_model_card(model))
-    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+    return Response(orjson.dumps(model_list(data)), media_type="application/json")
 
 
 @router.get("/v1/models/{model:path}", tags=["openai"])
@@ -118,7 +119,7 @@ async def retrieve_model(model: str, request: Request) -> Response:
 
 
 def _model_card(model: str) -> dict:
-    return {"id": model, "object": "model", "created": _STARTED, "owned_by": "policy-relay"}
+    return model_card(model, _STARTED, "policy-relay")
 
 
 @router.get("/health")

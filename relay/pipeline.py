@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from channels.base import Channel, UpstreamError
-from relay.accounting import EMPTY_USAGE, Accounting, Entry, clean_usage
+from relay.accounting import Accounting, Entry, clean_usage, generated_text, total_usage, unreported_usage
 from relay.auth import Principal, check_model
 from relay.cache import CachePlan, ResponseCache, StreamAssembler, replay_chunks, replay_response, stored_from_response
 from relay.cache import plan as cache_plan
@@ -25,7 +25,6 @@ from relay.lifecycle import Drain, DrainTimeout
 from relay.passthrough import upstream_fields
 from relay.policy import PolicyOutcome, apply_policy, json_retry, rewrites_header, wants_json_retry
 from relay.routing import candidates
-from relay.tokens import prompt_tokens, text_tokens
 
 log = logging.getLogger("relay.pipeline")
 
@@ -217,7 +216,7 @@ class Pipeline:
             response = answers[-1]
             headers["X-Relay-Json-Attempts"] = str(len(answers))
         usages = [clean_usage(a.get("usage")) for a in answers]
-        usage = {k: sum(u[k] for u in usages) for k in EMPTY_USAGE}  # every attempt was paid for
+        usage = total_usage(usages)  # every attempt was paid for
         response["model"] = attempt.call.body["model"]
         response["usage"] = usage
         # A hit later costs what this one answer cost; a JSON answer that never parsed is not kept.
@@ -303,7 +302,7 @@ class Pipeline:
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         model = body["model"]
         usage: dict[str, Any] | None = None
-        sent: list[str] = []  # the text that reached the client: billed if the stream ends without usage
+        sent: list[str] = []  # what reached the client: billed if the stream ends without usage
         status, error_type = 200, None
         # A streamed JSON answer cannot be retried, so it is not stored either when the policy would retry.
         keep = attempt.store is not None and not wants_json_retry(attempt.outcome)
@@ -315,10 +314,7 @@ class Pipeline:
                 for chunk in batch:
                     if assembler is not None:
                         assembler.add(chunk)
-                    for choice in chunk.get("choices", ()):
-                        piece = (choice.get("delta") or {}).get("content") or choice.get("text")
-                        if piece:
-                            sent.append(piece)
+                    sent.extend(generated_text(chunk))
                     if chunk.get("usage"):
                         usage = chunk["usage"] = clean_usage(chunk["usage"])
                         if not chunk.get("choices") and not wants_usage:
@@ -352,18 +348,9 @@ class Pipeline:
                 await self._store(attempt, assembler.stored(usage) if complete else None)
             if usage is None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
-                    usage = await self._unreported_usage(attempt, "".join(sent))
+                    usage = await unreported_usage(attempt.entry, attempt.outcome.request, attempt.call.body_bytes,
+                                                   sent)
             self._finish(attempt, status, usage=usage, error_type=error_type)
-
-    async def _unreported_usage(self, attempt: _Attempt, sent: str) -> dict[str, int]:
-        """A stream that ended without the upstream's usage (cut off, or an upstream that never reports it):
-        the upstream read the whole prompt and produced what was sent, so that is the bill."""
-        admission = attempt.entry.admission
-        prompt = admission.prompt_tokens if admission is not None else None
-        if prompt is None:
-            prompt = await prompt_tokens(attempt.call.endpoint, attempt.outcome.request, attempt.call.body_bytes)
-        completion = await text_tokens(sent)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _tries(channels: list[Channel], failures: list[UpstreamError]) -> Iterator[Channel]:

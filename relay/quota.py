@@ -1,8 +1,8 @@
 """Token quotas of tenants and keys, reserved before dispatch and settled after (ONE API's
 preConsumeQuota/postConsumeQuota): a request is admitted only if its estimate (prompt tokens + the completion
 tokens it may spend, see relay.tokens) fits in what is left; the estimate is held while it runs and replaced
-by what it really spent when it ends. So concurrency cannot overspend a quota by more than one request's
-estimate error.
+by what it really spent when it ends. So concurrency cannot overspend a quota by more than the error of the
+prompt counts of the requests in flight (relay.tokens).
 
 With Redis, every gateway process shares, per tenant and per key, a counter of spent tokens and a hash of the
 holds of requests in flight (each with an expiry, so a process that dies mid-request frees its holds). The
@@ -89,6 +89,10 @@ class QuotaLedger:
         self._settle = state.client.register_script(_SETTLE) if state.client is not None else None
         self._held: Counter[str] = Counter()  # this process's holds when Redis is away
         self._unsettled: list[tuple[Hold, int]] = []  # settlements Redis missed: retried by retry_settlements
+        # Tokens already in this process's usage totals (the floor) but not yet added to the Redis counter by
+        # their settlement: left out of the floor meanwhile, or a reservation in between would raise the counter
+        # to the floor and the settlement would then add the same tokens a second time.
+        self._settling: Counter[str] = Counter()
 
     @staticmethod
     def applies(principal: Principal) -> bool:
@@ -116,7 +120,7 @@ class QuotaLedger:
         if self._reserve is not None:
             args: list[int | str] = [hold.id, tokens, int(time.time()), HOLD_TTL_S, _COUNTER_TTL_S]
             for scope in scopes:
-                args += [scope.spent, scope.limit]
+                args += [scope.spent - self._settling[scope.name], scope.limit]  # the floor
             result = await self.state.call(lambda: self._reserve(keys=self._keys(scopes), args=args))
             if result is not None:
                 index, current = int(result[0]), int(result[1])
@@ -132,8 +136,14 @@ class QuotaLedger:
         hold.shared = False
         return hold
 
+    def spending(self, hold: Hold | None, spent: int) -> None:
+        """Called as `spent` enters the usage totals, before `settle` runs (in the same step of the loop)."""
+        if hold is not None and hold.shared:
+            for scope in hold.scopes:
+                self._settling[scope.name] += spent
+
     async def settle(self, hold: Hold | None, spent: int) -> None:
-        """The request is over: it cost `spent` (already recorded in the usage totals)."""
+        """The request is over: it cost `spent` (already recorded in the usage totals, announced by `spending`)."""
         if hold is None:
             return
         if not hold.shared:
@@ -144,6 +154,14 @@ class QuotaLedger:
             return
         if await self._settle_shared(hold, spent) is None:
             self._unsettled.append((hold, spent))  # its hold would otherwise block the quota until it expires
+        else:
+            self._settled(hold, spent)
+
+    def _settled(self, hold: Hold, spent: int) -> None:
+        for scope in hold.scopes:  # the counter has the tokens now
+            self._settling[scope.name] -= spent
+            if self._settling[scope.name] <= 0:
+                del self._settling[scope.name]
 
     async def _settle_shared(self, hold: Hold, spent: int):
         if self._settle is None:
@@ -155,6 +173,8 @@ class QuotaLedger:
         for hold, spent in pending:
             if await self._settle_shared(hold, spent) is None:
                 self._unsettled.append((hold, spent))
+            else:
+                self._settled(hold, spent)
 
 
 def _refusal(scope: _Scope, current: int, tokens: int) -> APIError:

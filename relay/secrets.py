@@ -17,6 +17,8 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from relay.settings import SecretKeyError  # defined without cryptography: the worker-only CLI catches it too
+
 log = logging.getLogger("relay.secrets")
 
 PREFIX = "enc:v1:"  # marks a stored value as encrypted (rows written before encryption have none)
@@ -24,10 +26,6 @@ CHECK_PLAINTEXT = "policy-relay secret check"
 # Option names whose values (at any depth below them) carry credentials: aws_secret_access_key, api_keys: [...],
 # and every header an operator adds (extra_headers: {"X-Custom": "Bearer ..."}).
 SECRET_WORDS = re.compile(r"key|secret|token|password|credential|auth|cookie|headers", re.I)
-
-
-class SecretKeyError(RuntimeError):
-    """The relay cannot get a usable key; the message says what to do."""
 
 
 class SecretBox:

@@ -11,6 +11,11 @@ def _float(name: str, default: float) -> float:
     return float(raw) if raw not in (None, "") else default
 
 
+class SecretKeyError(RuntimeError):
+    """The relay cannot get a usable key for upstream secrets; the message says what to do. Defined here, not in
+    relay.secrets, so the command line can catch it without importing `cryptography` (a worker-only install)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str

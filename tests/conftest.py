@@ -135,3 +135,26 @@ def calls(upstream) -> list[dict[str, Any]]:
     fake, _ = upstream
     fake.calls.clear()
     return fake.calls
+
+
+# The local worker on the random-weight tiny Qwen2 (real Qwen tokenizer and template), in this test process:
+# shared by the worker's own test modules (each module gets its own model and server).
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from backends.loading import load
+
+    return load("tiny-qwen2")
+
+
+@pytest.fixture(scope="module")
+def tiny_worker(tiny_lm):
+    from backends.server import create_worker_app
+    from tests.fake_upstream import ServerThread
+
+    with ServerThread(create_worker_app(tiny_lm, max_batch=32)) as server:
+        yield server
+
+
+@pytest.fixture
+def tiny_client(tiny_worker) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tiny_worker.url + "/v1", api_key="unused", max_retries=0, timeout=120)

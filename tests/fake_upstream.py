@@ -53,7 +53,7 @@ class FakeUpstream:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         path = scope["path"]
         if path.endswith("/models"):
-            return await send_json(send, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            return await send_json(send, 200, wire.model_list([wire.model_card("fake", 0, "fake")]))
         body = json.loads(raw or b"{}")
         if self.record:
             self.calls.append({"path": path, "body": body,

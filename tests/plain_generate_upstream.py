@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import torch
 
 from backends.loading import LoadedModel
+from backends.wire import responses as wire
 from tests.fake_upstream import read_body, send_json
 
 
@@ -33,11 +33,10 @@ class PlainGenerateUpstream:
         with torch.no_grad():
             out = self.lm.model.generate(**ids, **kwargs, pad_token_id=tok.pad_token_id)
         new = out[0, ids["input_ids"].shape[1]:]
-        usage = {"prompt_tokens": int(ids["input_ids"].shape[1]), "completion_tokens": int(new.shape[0])}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"id": "plain", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "length", "message": {
-                    "role": "assistant", "content": tok.decode(new, skip_special_tokens=True)}}], "usage": usage}
+        choice = {"index": 0, "finish_reason": "length",
+                  "message": {"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)}}
+        return wire.response(wire.head(True, body["model"]), True, [choice],
+                             wire.usage(int(ids["input_ids"].shape[1]), int(new.shape[0])))
 
     async def __call__(self, scope, receive, send) -> None:
         raw = await read_body(scope, receive, send)

@@ -8,6 +8,7 @@ import uuid
 import openai
 import pytest
 
+from channels.base import ChannelCapabilities
 from tests.conftest import add_fake_channel
 
 SECRET = "sk-upstream-very-secret-value"
@@ -174,7 +175,8 @@ def test_capabilities_are_typed_and_shown_as_they_apply(relay, upstream):
                                                        "models": [name], "capabilities": {"telepathy": True}})
     assert refused.status_code == 400 and refused.json()["error"]["param"].startswith("capabilities")
     plain = add_fake_channel(relay, upstream[1], name, [name])
-    defaults = {"seeded_determinism": False, "stream_usage": True, "constrained_decoding": False}
+    defaults = ChannelCapabilities().model_dump()
+    assert defaults["stream_usage"] is True and defaults["seeded_determinism"] is False
     assert plain["capabilities"] == defaults  # the type's defaults
     seeded = relay.ok("PATCH", f"/admin/channels/{plain['id']}", {"capabilities": {"seeded_determinism": True}})
     assert seeded["capabilities"] == {**defaults, "seeded_determinism": True}

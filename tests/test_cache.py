@@ -174,6 +174,11 @@ def test_admin_stats_and_purge(relay):
     assert _post(relay, b["key"], messages=messages, temperature=0).headers["x-relay-cache"] == "miss"
     assert relay.ok("DELETE", "/admin/cache")["purged"] >= 1
     assert relay.ok("GET", "/admin/cache")["entries"] == 0
+    purges = [e["after"] for e in relay.ok("GET", "/admin/audit?entity=cache")["data"] if e["action"] == "purge"]
+    newest = [{k: p[k] for k in ("model", "tenant_id")} for p in purges[:3]]  # newest first
+    assert newest == [{"model": None, "tenant_id": None}, {"model": "cached-model", "tenant_id": None},
+                      {"model": None, "tenant_id": a["tenant_id"]}]
+    assert all(p["purged"] >= 1 for p in purges[:3])
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")

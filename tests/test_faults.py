@@ -5,6 +5,8 @@ clock that lags reaching every gateway process."""
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import shutil
 import signal
 import subprocess
@@ -172,9 +174,41 @@ def test_sigterm_drains_open_streams(tmp_path, upstream, drip, finishes):
             assert '"code":"shutting_down"' in events[-2]
 
 
+def _client_per_process(relay, processes: int = 2) -> dict[int, http.client.HTTPConnection]:
+    """A kept-alive connection held by each gateway process (which one accepted a connection is read off the
+    server side of its socket), so a later request over it is known to reach that process."""
+    import psutil
+
+    workers = psutil.Process(relay.process.pid).children(recursive=True)
+    port = int(relay.url.rsplit(":", 1)[1])
+    clients: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(60):
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        client.connect()
+        local_port = client.sock.getsockname()[1]
+        owner = next((w.pid for w in workers for c in w.net_connections("tcp")
+                      if c.raddr and c.raddr.port == local_port), None)
+        if owner is not None and owner not in clients:
+            clients[owner] = client
+        else:
+            client.close()
+        if len(clients) == processes:
+            return clients
+    raise AssertionError(f"only {len(clients)} of {processes} gateway processes took a connection")
+
+
+def _ask_on(client: http.client.HTTPConnection, key: str) -> int:
+    client.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {key}",
+                                                            "Content-Type": "application/json"},
+                   body=json.dumps({"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]}))
+    response = client.getresponse()
+    response.read()
+    return response.status
+
+
 def test_an_edit_from_a_lagging_clock_reaches_every_process(tmp_path, upstream, monkeypatch):
     """The key is revoked by a writer whose clock is two years behind: the config version still moves, so
-    both gateway processes refuse it within RELAY_CONFIG_POLL_S."""
+    both gateway processes refuse it within RELAY_CONFIG_POLL_S (each asked over its own connection)."""
     from datetime import UTC, datetime
 
     from sqlmodel import Session
@@ -186,14 +220,17 @@ def test_an_edit_from_a_lagging_clock_reaches_every_process(tmp_path, upstream, 
         add_fake_channel(relay, upstream[1], "fake", ["gpt-x"])
         key = relay.new_key()
         time.sleep(1.5)
-        assert [_ask(relay, key["key"]) for _ in range(10)] == [200] * 10  # fresh connections: both processes
+        clients = _client_per_process(relay)
+        assert [_ask_on(c, key["key"]) for c in clients.values()] == [200, 200]
         monkeypatch.setattr(service, "utcnow", lambda: datetime(2024, 1, 1, tzinfo=UTC))
         engine = make_engine(url)
         with Session(engine) as s:
             assert service.revoke_key(s, key["id"], "cli").updated_at.year == 2024
         engine.dispose()
         time.sleep(1.2)  # RELAY_CONFIG_POLL_S=0.5
-        assert [_ask(relay, key["key"]) for _ in range(10)] == [401] * 10
+        assert [_ask_on(c, key["key"]) for c in clients.values()] == [401, 401]
+        for client in clients.values():
+            client.close()
 
 
 def test_a_nudge_spreads_an_edit_at_once(tmp_path, upstream):
@@ -205,10 +242,13 @@ def test_a_nudge_spreads_an_edit_at_once(tmp_path, upstream):
         add_fake_channel(relay, upstream[1], "fake", ["gpt-x"])
         key = relay.new_key()
         time.sleep(0.5)
-        assert [_ask(relay, key["key"]) for _ in range(10)] == [200] * 10
+        clients = _client_per_process(relay)
+        assert [_ask_on(c, key["key"]) for c in clients.values()] == [200, 200]
         relay.ok("DELETE", f"/admin/keys/{key['id']}")
         time.sleep(0.5)
-        assert [_ask(relay, key["key"]) for _ in range(10)] == [401] * 10
+        assert [_ask_on(c, key["key"]) for c in clients.values()] == [401, 401]
+        for client in clients.values():
+            client.close()
 
 
 def test_a_redis_blip_cannot_hide_spending_from_a_quota(tmp_path, upstream):

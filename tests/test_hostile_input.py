@@ -93,6 +93,29 @@ def test_json_nested_too_deep_is_400_naming_the_field(relay):
     assert rows and rows[0]["status_code"] == 400  # refused, and still logged
 
 
+def test_json_deeper_than_the_parser_goes_is_400_naming_the_field(relay):
+    key = relay.new_key()
+    raw = b'{"model": "gpt-x", "messages": [{"role": "user", "content": ' + b"[" * 1500 + b"]" * 1500 + b"}]}"
+    error = _error(_chat(relay, key["key"], raw=raw), 400)
+    assert error["param"].startswith("messages.0.content.0.0") and "64 levels" in error["message"]
+
+
+@pytest.mark.parametrize("depth", [300, 700, 1500])
+def test_admin_json_nested_too_deep_is_400_and_stores_nothing(relay, depth):
+    headers = {"Authorization": "Bearer test-admin-token", "Content-Type": "application/json"}
+    name = f"deep-{depth}"
+    deep_headers = '{"x": ' * depth + '"v"' + "}" * depth
+    channel = (f'{{"name": "{name}", "type": "openai", "base_url": "http://127.0.0.1:9/v1", "models": ["m"], '
+               f'"options": {{"extra_headers": {deep_headers}}}}}').encode()
+    response = httpx.post(relay.url + "/admin/channels", content=channel, headers=headers, timeout=30)
+    error = _error(response, 400)
+    assert error["param"].startswith("options.extra_headers.x") and "64 levels" in error["message"], error
+    assert name not in [c["name"] for c in relay.ok("GET", "/admin/channels")]
+    explain = f'{{"model": "m", "request": {{"model": "m", "messages": [], "deep": {deep_headers}}}}}'.encode()
+    response = httpx.post(relay.url + "/admin/policies/explain", content=explain, headers=headers, timeout=30)
+    assert _error(response, 400)["param"].startswith("request.deep.x")
+
+
 def test_a_backtracking_pattern_cannot_hold_the_gateway(relay):
     """^(a+)+X$ against 40 a's takes Python's re hours; RE2 answers at once, and /health keeps answering."""
     key = relay.new_key()["key"]

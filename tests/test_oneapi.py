@@ -124,7 +124,10 @@ def test_import_oneapi(tmp_path):
     assert "4 channel(s) created" in cli("--apply")
     with engine.connect() as conn:
         rows = {r.name: r for r in conn.execute(text("SELECT * FROM channels"))}
+        audited = conn.execute(text("SELECT actor, action, entity, entity_id FROM audit_events")).all()
     engine.dispose()
+    # written through the service layer: each channel audited with actor `import`
+    assert sorted(audited) == sorted(("import", "create", "channel", r.id) for r in rows.values())
     assert set(rows) == {"openai-main", "vllm", "claude", "azure"}
     main = rows["openai-main"]
     assert (main.type, main.base_url, main.priority, main.weight, main.status) == (

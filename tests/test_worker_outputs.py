@@ -9,11 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
-import openai
 import pytest
 import torch
 
-from backends.loading import load
 from backends.server import create_worker_app
 from tests.fake_upstream import ServerThread
 
@@ -28,47 +26,31 @@ WEATHER = [{"type": "function", "function": {
                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return load(MODEL)
-
-
-@pytest.fixture(scope="module")
-def worker(lm):
-    with ServerThread(create_worker_app(lm, max_batch=32)) as server:
-        yield server
-
-
-@pytest.fixture
-def client(worker) -> openai.OpenAI:
-    return openai.OpenAI(base_url=worker.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def _schema_format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
 
 
 @pytest.mark.parametrize("max_tokens", [24, 60])
-def test_json_object_always_parses_with_n_seeds_and_streams(client, max_tokens):
-    answer = client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},
+def test_json_object_always_parses_with_n_seeds_and_streams(tiny_client, max_tokens):
+    answer = tiny_client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},
                                             n=4, seed=11, temperature=1.0, max_tokens=max_tokens)
     for choice in answer.choices:
         assert isinstance(json.loads(choice.message.content), dict), choice.message.content
         assert choice.finish_reason == "stop"
-    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+    text = "".join(c.choices[0].delta.content or "" for c in tiny_client.chat.completions.create(
         model=MODEL, messages=ASK, response_format={"type": "json_object"}, seed=5, max_tokens=max_tokens,
         stream=True) if c.choices)
     assert isinstance(json.loads(text), dict)
 
 
-def test_json_schema_answers_validate_in_a_batch_with_free_rows(client):
+def test_json_schema_answers_validate_in_a_batch_with_free_rows(tiny_client):
     """Constrained and free rows decode together; every constrained answer validates, the free ones are prose."""
     def constrained(seed: int) -> str:
-        return client.chat.completions.create(model=MODEL, messages=ASK, response_format=_schema_format(PERSON),
+        return tiny_client.chat.completions.create(model=MODEL, messages=ASK, response_format=_schema_format(PERSON),
                                               seed=seed, temperature=1.0, max_tokens=40).choices[0].message.content
 
     def free(seed: int) -> str:
-        return client.chat.completions.create(model=MODEL, messages=ASK, seed=seed, temperature=1.0,
+        return tiny_client.chat.completions.create(model=MODEL, messages=ASK, seed=seed, temperature=1.0,
                                               max_tokens=40).choices[0].message.content
 
     with ThreadPoolExecutor(12) as pool:
@@ -96,27 +78,27 @@ def _not_json(text: str) -> bool:
     ({"structured_outputs": {"regex": "(ab)+c"}}, lambda t: t.endswith("c") and set(t[:-1]) <= {"a", "b"}),
     ({"guided_grammar": 'root ::= "x" | "y" "z"'}, lambda t: t in ("x", "yz")),
 ])
-def test_vllm_style_constraints_on_completions(client, extra, check):
+def test_vllm_style_constraints_on_completions(tiny_client, extra, check):
     for seed in range(3):
-        text = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=40, seed=seed, temperature=1.0,
+        text = tiny_client.completions.create(model=MODEL, prompt="Answer:", max_tokens=40, seed=seed, temperature=1.0,
                                          extra_body=extra).choices[0].text
         assert check(text), text
 
 
-def test_a_broken_constraint_is_a_400_naming_it(worker):
+def test_a_broken_constraint_is_a_400_naming_it(tiny_worker):
     for body, param in [({"guided_regex": "(unclosed"}, "guided_regex"),
                         ({"guided_json": "not json"}, "guided_json"),
                         ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice")]:
-        answer = httpx.post(worker.url + "/v1/completions", timeout=30,
+        answer = httpx.post(tiny_worker.url + "/v1/completions", timeout=30,
                             json={"model": MODEL, "prompt": "x", "max_tokens": 5, **body})
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"]["param"] == param
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_forced_tool_calls_are_valid_calls(client, choice):
+def test_forced_tool_calls_are_valid_calls(tiny_client, choice):
     for seed in range(3):
-        answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+        answer = tiny_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
                                                 tools=WEATHER, tool_choice=choice, seed=seed, temperature=1.0,
                                                 max_tokens=60)
         message, reason = answer.choices[0].message, answer.choices[0].finish_reason
@@ -126,8 +108,8 @@ def test_forced_tool_calls_are_valid_calls(client, choice):
         jsonschema.validate(json.loads(call.function.arguments), WEATHER[0]["function"]["parameters"])
 
 
-def test_streamed_tool_calls_come_as_openai_streams_them(client):
-    chunks = [c for c in client.chat.completions.create(
+def test_streamed_tool_calls_come_as_openai_streams_them(tiny_client):
+    chunks = [c for c in tiny_client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Paris?"}], tools=WEATHER, tool_choice="required",
         seed=2, max_tokens=60, stream=True) if c.choices]
     deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
@@ -138,9 +120,9 @@ def test_streamed_tool_calls_come_as_openai_streams_them(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_tool_choice_none_renders_no_tools_and_auto_renders_them(client):
+def test_tool_choice_none_renders_no_tools_and_auto_renders_them(tiny_client):
     def prompt_tokens(**kw) -> int:
-        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+        return tiny_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=1, **kw).usage.prompt_tokens
 
     plain = prompt_tokens()
@@ -148,63 +130,63 @@ def test_tool_choice_none_renders_no_tools_and_auto_renders_them(client):
     assert prompt_tokens(tools=WEATHER, tool_choice="auto") > plain + 20  # the template described the tool
 
 
-def test_a_template_without_tools_says_so(lm):
-    template = lm.tokenizer.chat_template
-    lm.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+def test_a_template_without_tools_says_so(tiny_lm):
+    template = tiny_lm.tokenizer.chat_template
+    tiny_lm.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                   "{% if add_generation_prompt %}assistant: {% endif %}")
     try:
-        with ServerThread(create_worker_app(lm)) as server:
+        with ServerThread(create_worker_app(tiny_lm)) as server:
             answer = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
                 "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": WEATHER, "max_tokens": 3})
             assert answer.status_code == 400 and answer.json()["error"]["param"] == "tools"
             assert "cannot render tools" in answer.json()["error"]["message"]
     finally:
-        lm.tokenizer.chat_template = template
+        tiny_lm.tokenizer.chat_template = template
 
 
-def _teacher_forced(lm, ids: list[int]) -> torch.Tensor:
+def _teacher_forced(tiny_lm, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        logits = lm.model(torch.tensor([ids])).logits[0, :-1].float()
+        logits = tiny_lm.model(torch.tensor([ids])).logits[0, :-1].float()
     return torch.log_softmax(logits, dim=-1)  # [L-1, V]: position i predicts token i+1
 
 
-def test_echo_scores_the_prompt_like_a_teacher_forced_forward(client, lm):
+def test_echo_scores_the_prompt_like_a_teacher_forced_forward(tiny_client, tiny_lm):
     """An evaluation harness's request: echo, logprobs, max_tokens 0."""
     prompt = "The capital of France is Paris"
-    answer = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=3, max_tokens=0)
+    answer = tiny_client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=3, max_tokens=0)
     choice = answer.choices[0]
-    ids = lm.tokenizer.encode(prompt)
+    ids = tiny_lm.tokenizer.encode(prompt)
     assert choice.text == prompt and answer.usage.completion_tokens == 0
     lp = choice.logprobs
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
-    reference = _teacher_forced(lm, ids)
+    reference = _teacher_forced(tiny_lm, ids)
     for i, token in enumerate(ids[1:], start=1):
         assert abs(lp.token_logprobs[i] - float(reference[i - 1, token])) < 1e-4
     assert lp.text_offset[0] == 0 and "".join(lp.tokens) == prompt
-    echoed = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=3, temperature=0)
+    echoed = tiny_client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=3, temperature=0)
     assert echoed.choices[0].text.startswith(prompt) and echoed.usage.completion_tokens == 3
 
 
-def test_vllm_prompt_logprobs_on_both_endpoints(worker, lm):
-    ids = lm.tokenizer.encode("one two three")
+def test_vllm_prompt_logprobs_on_both_endpoints(tiny_worker, tiny_lm):
+    ids = tiny_lm.tokenizer.encode("one two three")
     body = {"model": MODEL, "prompt": ids, "max_tokens": 1, "prompt_logprobs": 2}
-    choice = httpx.post(worker.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]
-    reference = _teacher_forced(lm, ids)
+    choice = httpx.post(tiny_worker.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]
+    reference = _teacher_forced(tiny_lm, ids)
     assert choice["prompt_logprobs"][0] is None
     for i, entry in enumerate(choice["prompt_logprobs"][1:], start=1):
         assert abs(entry[str(ids[i])]["logprob"] - float(reference[i - 1, ids[i]])) < 1e-4
-    chat = httpx.post(worker.url + "/v1/chat/completions", timeout=30, json={
+    chat = httpx.post(tiny_worker.url + "/v1/chat/completions", timeout=30, json={
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 0})
     assert chat.json()["prompt_logprobs"][0] is None and len(chat.json()["prompt_logprobs"]) > 3
 
 
-def test_logprob_bytes_are_the_tokens_raw_bytes(client, lm):
+def test_logprob_bytes_are_the_tokens_raw_bytes(tiny_client, tiny_lm):
     """A byte-fallback token (part of a multi-byte character): its bytes, not U+FFFD's."""
     from backends.vocab import Vocab
 
-    vocab = Vocab(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0])
+    vocab = Vocab(tiny_lm.tokenizer, tiny_lm.model.get_output_embeddings().weight.shape[0])
     partial = next(i for i in range(1000, 100_000) if _invalid_utf8(vocab.raw[i]))
-    answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1, temperature=0, logprobs=True,
+    answer = tiny_client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1, temperature=0, logprobs=True,
                                             logit_bias={str(partial): 100})
     entry = answer.choices[0].logprobs.content[0]
     assert bytes(entry.bytes) == vocab.raw[partial] and bytes(entry.bytes) != "\ufffd".encode()
@@ -224,13 +206,13 @@ def _invalid_utf8(raw: bytes) -> bool:
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
 ])
-def test_bounds_are_400s(worker, body, param):
-    answer = httpx.post(worker.url + "/v1/completions", json={"model": MODEL, "max_tokens": 2, **body}, timeout=30)
+def test_bounds_are_400s(tiny_worker, body, param):
+    answer = httpx.post(tiny_worker.url + "/v1/completions", json={"model": MODEL, "max_tokens": 2, **body}, timeout=30)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
 
 
-def test_a_rows_failure_ends_only_that_row(lm):
+def test_a_rows_failure_ends_only_that_row(tiny_lm):
     """One row's grammar refuses its token mid-batch: that request fails, its neighbour finishes."""
     import asyncio
 
@@ -244,7 +226,7 @@ def test_a_rows_failure_ends_only_that_row(lm):
         def accept_token(self, token):
             return False  # ...and then refused
 
-    engine = Engine(lm, max_batch=4)
+    engine = Engine(tiny_lm, max_batch=4)
     engine.grammars.matcher = lambda compiled: Refusing() if compiled == "refusing" else None
     engine.start()
 
@@ -266,7 +248,7 @@ def test_a_rows_failure_ends_only_that_row(lm):
     assert ok.finish_reason == "length" and ok.completion_tokens == 8
 
 
-def test_incremental_detokenization_equals_a_whole_decode(lm):
+def test_incremental_detokenization_equals_a_whole_decode(tiny_lm):
     """Each step decodes a few tokens, not the answer again; the text that comes out is the whole decode's,
     for any text (emoji, CJK, combining marks split across byte-level tokens), cut at the first stop string."""
     from hypothesis import given, settings
@@ -274,7 +256,7 @@ def test_incremental_detokenization_equals_a_whole_decode(lm):
 
     from backends.text import TextStream
 
-    tokenizer = lm.tokenizer
+    tokenizer = tiny_lm.tokenizer
 
     @given(st.text(min_size=1, max_size=80), st.lists(st.text(min_size=1, max_size=3), max_size=2))
     @settings(max_examples=150, deadline=None, database=None)

@@ -42,6 +42,36 @@ def test_the_worker_imports_nothing_of_the_gateway():
     assert result.stdout.strip().endswith("loaded: []")
 
 
+# `policy-relay worker` (the Dockerfile's worker stage, compose's worker) starts from admin.cli, which the
+# worker-only install also has: it must reach backends.cli without a gateway library.
+CLI_SCRIPT = f"""
+import importlib.abc, sys
+
+GATEWAY_LIBRARIES = {tuple(name for name in GATEWAY_ONLY if name not in ("relay", "channels", "admin"))!r}
+
+class RefuseGatewayLibraries(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in GATEWAY_LIBRARIES + ("aiohttp", "jsonschema"):
+            raise ImportError(f"policy-relay worker imported {{name}}")
+
+sys.meta_path.insert(0, RefuseGatewayLibraries())
+import backends.cli
+
+started = []
+backends.cli.run = lambda args: started.append(args.model) or 0
+from admin.cli import main
+
+assert main(["worker", "--model", "tiny-qwen2", "--port", "1"]) == 0
+print("started:", started)
+"""
+
+
+def test_the_worker_command_needs_no_gateway_library():
+    result = subprocess.run([sys.executable, "-c", CLI_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("started: ['tiny-qwen2']")
+
+
 def test_the_worker_extra_pulls_nothing_of_the_gateway():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     worker = [*project["dependencies"], *project["optional-dependencies"]["worker"]]

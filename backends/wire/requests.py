@@ -7,16 +7,10 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
-import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from backends.wire.errors import APIError, bad_request
-
-MAX_DEPTH = 64  # JSON nesting; deeper is a 400 (nothing an OpenAI client sends comes close)
-# JSON objects and arrays per body: parsed, each costs ~60 bytes of Python memory (16 MB of `[],` would be
-# ~1 GB); a long conversation with tools has a few thousand.
-MAX_CONTAINERS = 100_000
-_JSON_STRING = re2.compile(rb'"(?:[^"\\]|\\.)*"')
+from backends.wire.json_limits import load_json
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -116,20 +110,9 @@ class CompletionRequest(_Common):
 def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
     """Parse and validate; returns the client's own dict (not a re-serialised model) so nothing the
     client sent is renamed or re-typed on the way upstream."""
-    if _too_many_containers(raw):
-        raise bad_request(f"The request has more than {MAX_CONTAINERS:,} JSON objects and arrays.", None,
-                          "invalid_value")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise bad_request("We could not parse the JSON body of your request. (HINT: This likely means "
-                          "you aren't using your HTTP library correctly.)") from None
+    body = load_json(raw)
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    too_deep = _deeper_than(body, MAX_DEPTH)
-    if too_deep is not None:
-        raise bad_request(f"The request nests JSON more than {MAX_DEPTH} levels deep (at '{too_deep}').", too_deep,
-                          "invalid_value")
     for name in sorted(schema.refused & body.keys()):
         raise bad_request(f"Unrecognized request argument supplied: {name} (it belongs to /v1/chat/completions).",
                           name, "unsupported_parameter")
@@ -143,41 +126,6 @@ def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
         # (new-api forces include_usage) may add it to every request.
         del body["stream_options"]
     return body
-
-
-def _too_many_containers(raw: bytes) -> bool:
-    """Counted in the raw bytes, before parsing builds them; brackets inside strings do not count."""
-    if raw.count(b"{") + raw.count(b"[") <= MAX_CONTAINERS:
-        return False
-    outside_strings = _JSON_STRING.sub(b"", raw)  # RE2: linear, no recursion
-    return outside_strings.count(b"{") + outside_strings.count(b"[") > MAX_CONTAINERS
-
-
-def _too_deep(value: Any, limit: int) -> bool:
-    """Whether a container nests more than `limit` levels below `value`. Iterative (depth costs no stack), and
-    without paths (a path per value would cost a tuple per value of a huge body)."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((v, depth + 1) for v in children if isinstance(v, dict | list))
-    return False
-
-
-def _deeper_than(value: Any, limit: int) -> str | None:
-    """The path to the first value nested deeper than `limit`, or None."""
-    if not _too_deep(value, limit):
-        return None
-    path: list[str] = []
-    node = value
-    while len(path) <= limit:  # follow a branch that is still too deep
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        key, node = next((k, v) for k, v in items
-                         if isinstance(v, dict | list) and _too_deep(v, limit - len(path) - 1))
-        path.append(str(key))
-    return ".".join(path[:8]) + (".…" if len(path) > 8 else "")
 
 
 def _validation_error(exc: ValidationError) -> APIError:

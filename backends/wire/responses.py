@@ -1,5 +1,5 @@
-"""OpenAI's answer shapes, built in one place: a whole response, a stream chunk, usage, and the SSE framing of
-a stream (`data: {json}` events ending with `data: [DONE]`)."""
+"""OpenAI's answer shapes, built in one place: a whole response, a stream chunk, usage, the model list, and the
+SSE framing of a stream (`data: {json}` events ending with `data: [DONE]`)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def chunk(head: dict[str, Any], chat: bool, choices: list[dict[str, Any]],
     if usage is not None:
         out["usage"] = usage
     return out
+
+
+def model_card(model: str, created: int, owned_by: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": owned_by}
+
+
+def model_list(cards: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": cards}
 
 
 def sse(payload: dict[str, Any]) -> bytes:

@@ -1,0 +1,104 @@
+"""Structural limits on a JSON body, held before and while it is parsed: objects and arrays counted in the raw
+bytes, nesting depth (a 400 naming where), so no body can make a parser, a validator or a recursive walk (the
+cache key, secret redaction, serialisation) run out of memory or stack. Both servers' /v1 bodies and the admin
+API's go through `load_json`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import re2
+
+from backends.wire.errors import bad_request
+
+MAX_DEPTH = 64  # JSON nesting; deeper is a 400 (nothing an OpenAI client sends comes close)
+# JSON objects and arrays per body: parsed, each costs ~60 bytes of Python memory (16 MB of `[],` would be
+# ~1 GB); a long conversation with tools has a few thousand.
+MAX_CONTAINERS = 100_000
+_JSON_STRING = re2.compile(rb'"(?:[^"\\]|\\.)*"')
+# In the raw bytes: every string (a key when a colon follows), and the structural characters.
+_JSON_TOKEN = re2.compile(rb'"(?:[^"\\]|\\.)*"(\s*:)?|[\[\]{},]')
+_SCAN_BYTES = 256 * 1024  # how far into the raw bytes a too-deep path is looked for (orjson stops at 1,024 levels)
+
+
+def load_json(raw: bytes) -> Any:
+    if _too_many_containers(raw):
+        raise bad_request(f"The request has more than {MAX_CONTAINERS:,} JSON objects and arrays.", None,
+                          "invalid_value")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc):  # deeper than orjson goes: name the place from the raw bytes
+            _refuse_depth(_raw_path_deeper_than(raw, MAX_DEPTH))
+        raise bad_request("We could not parse the JSON body of your request. (HINT: This likely means "
+                          "you aren't using your HTTP library correctly.)") from None
+    if isinstance(value, dict | list):
+        too_deep = _deeper_than(value, MAX_DEPTH)
+        if too_deep is not None:
+            _refuse_depth(too_deep)
+    return value
+
+
+def _refuse_depth(path: str | None) -> None:
+    where = f" (at '{path}')" if path else ""
+    raise bad_request(f"The request nests JSON more than {MAX_DEPTH} levels deep{where}.", path, "invalid_value")
+
+
+def _too_many_containers(raw: bytes) -> bool:
+    """Counted in the raw bytes, before parsing builds them; brackets inside strings do not count."""
+    if raw.count(b"{") + raw.count(b"[") <= MAX_CONTAINERS:
+        return False
+    outside_strings = _JSON_STRING.sub(b"", raw)  # RE2: linear, no recursion
+    return outside_strings.count(b"{") + outside_strings.count(b"[") > MAX_CONTAINERS
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether a container nests more than `limit` levels below `value`. Iterative (depth costs no stack), and
+    without paths (a path per value would cost a tuple per value of a huge body)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((v, depth + 1) for v in children if isinstance(v, dict | list))
+    return False
+
+
+def _deeper_than(value: Any, limit: int) -> str | None:
+    """The path to the first value nested deeper than `limit`, or None."""
+    if not _too_deep(value, limit):
+        return None
+    path: list[str] = []
+    node = value
+    while len(path) <= limit:  # follow a branch that is still too deep
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        key, node = next((k, v) for k, v in items
+                         if isinstance(v, dict | list) and _too_deep(v, limit - len(path) - 1))
+        path.append(str(key))
+    return _path(path)
+
+
+def _raw_path_deeper_than(raw: bytes, limit: int) -> str | None:
+    """The path to the first container nested deeper than `limit`, read off the raw bytes without parsing them."""
+    stack: list[list[Any]] = []  # per open container: [is an object, its current key or index]
+    for match in _JSON_TOKEN.finditer(raw[:_SCAN_BYTES]):
+        token = match.group(0)
+        if token[:1] == b'"':
+            if match.group(1) and stack:
+                stack[-1][1] = token[:token.rindex(b'"') + 1][1:-1].decode("utf-8", "replace")
+        elif token in (b"{", b"["):
+            if len(stack) > limit:
+                return _path([str(key) for _, key in stack])
+            stack.append([token == b"{", None if token == b"{" else 0])
+        elif token in (b"}", b"]"):
+            if stack:
+                stack.pop()
+        elif stack and not stack[-1][0]:  # a comma in an array: the next index
+            stack[-1][1] += 1
+    return None
+
+
+def _path(keys: list[str]) -> str:
+    return ".".join(keys[:8]) + (".…" if len(keys) > 8 else "")
