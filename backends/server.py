@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from backends import answers
 from backends.answers import ChoiceBuilder
@@ -22,6 +22,7 @@ from backends.vocab import Vocab
 from backends.wire import responses as wire
 from backends.wire.body_limit import BodyLimit
 from backends.wire.errors import APIError, bad_request, install_handlers, not_found
+from backends.wire.event_stream import EventStreamResponse
 from backends.wire.requests import parse_body
 
 
@@ -131,8 +132,7 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: 
         prompt_tokens = sum(len(p) for p in plan.prompts)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(stream(reqs, builders, head, chat, prompt_tokens, include_usage),
-                                     media_type="text/event-stream")
+            return EventStreamResponse(stream(reqs, builders, head, chat, prompt_tokens, include_usage))
         try:
             await asyncio.gather(*(worker.collect(r, b, request) for r, b in zip(reqs, builders, strict=True)))
         except (asyncio.CancelledError, APIError):

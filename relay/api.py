@@ -14,8 +14,9 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
+from backends.wire.event_stream import EventStreamResponse
 from backends.wire.requests import ChatRequest, CompletionRequest, parse_body
 from backends.wire.responses import SSE_DONE, model_card, model_list, sse
 from relay.auth import authenticate, model_allowed
@@ -72,8 +73,7 @@ async def _relay(request: Request, endpoint: str, schema) -> Response:
                      request.headers.get("cache-control"), len(raw))
     result = await _pipeline(request).run(call)
     if result.stream is not None:
-        return StreamingResponse(_framed(result.stream), media_type="text/event-stream",
-                                 headers={**result.headers, "Cache-Control": "no-cache"})
+        return EventStreamResponse(_framed(result.stream), headers={**result.headers, "Cache-Control": "no-cache"})
     return Response(orjson.dumps(result.body), media_type="application/json", headers=result.headers)
 
 

@@ -2,7 +2,8 @@
 
 The database's config version is the truth: each process checks it every RELAY_CONFIG_POLL_S and reloads
 when it moved. Where Redis is up, a process that made an edit also publishes a nudge, and every process
-listening reloads at once instead of at its next poll. A lost nudge costs at most one poll interval."""
+listening reloads at once instead of at its next poll; on (re)subscribing a process checks the version once, so
+a nudge sent before it listened is not missed. A lost nudge costs at most one poll interval."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ class ConfigSync:
             try:
                 async with self.state.client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self.channel)
+                    # A nudge published before this subscription (at start, or while Redis was away) reached
+                    # nobody here: look at the version once now rather than at the next poll.
+                    await self.catalog.refresh()
                     while True:
                         message = await pubsub.get_message(timeout=1.0)
                         if message is not None and _newer(message.get("data"), self.catalog.version):
