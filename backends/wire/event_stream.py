@@ -9,6 +9,7 @@ the application: the response ends quietly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 
 from starlette.responses import Response
@@ -47,3 +48,7 @@ class EventStreamResponse(Response):
             streaming.uncancel()
         finally:
             watcher.cancel()
+            # Cancelled while a chunk was being sent, the iterator sits at its `yield`: close it now, so its
+            # clean-up (the upstream connection, the bill) runs here and not whenever it is collected.
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()
