@@ -3,6 +3,7 @@ a database session, the secret box, and announcing an edit to every gateway proc
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from relay.secrets import SecretBox
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 FilterId = Annotated[int | None, Query(ge=1, le=2**31 - 1)]
 ADMIN_PREFIX = "/admin"
+_INLINE_BYTES = 1 << 20
 log = logging.getLogger("relay.admin")
 
 
@@ -61,9 +63,10 @@ class AdminGuard:
 
 
 class JSONLimitedRoute(APIRoute):
-    """Admin routes: a JSON body is held to the same structural limits as /v1 bodies (depth, containers) before
-    FastAPI parses it, so a deep `options` or `rules` value is a 400 naming where, not a recursion error in the
-    secret redaction or the serialiser. The body is already size-limited (relay.app's BodyLimit)."""
+    """Admin routes: a JSON body is held to the same parser and structural limits as /v1 bodies (depth,
+    containers) before FastAPI parses it, so a deep `options` or `rules` value is a 400 naming where, not a
+    recursion error in the secret redaction or the serialiser. The body is already size-limited (relay.app's
+    BodyLimit)."""
 
     def get_route_handler(self):  # noqa: ANN201 (Starlette's endpoint type)
         handler = super().get_route_handler()
@@ -72,12 +75,12 @@ class JSONLimitedRoute(APIRoute):
             if request.method in ("POST", "PUT", "PATCH"):
                 raw = await request.body()  # cached on the request: FastAPI's own parse reads it again
                 if raw.strip():
-                    try:
+                    # Whatever orjson refuses is a 400 here too: Python's own parser (FastAPI's) would take
+                    # NaN, a byte-order mark or UTF-16 and so skip the depth check.
+                    if len(raw) <= _INLINE_BYTES:
                         load_json(raw)
-                    except APIError as exc:
-                        if exc.code == "invalid_value":  # too deep or too many containers
-                            raise
-                        # not JSON at all: FastAPI's own parse answers that, as it always has
+                    else:  # a large body is parsed off the event loop, as /v1 bodies are
+                        await asyncio.to_thread(load_json, raw)
             return await handler(request)
 
         return checked

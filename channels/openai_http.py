@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -20,24 +21,27 @@ from channels.base import UpstreamError
 
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event larger than this is a broken stream, not a buffer to grow
-_sessions: dict[int, aiohttp.ClientSession] = {}  # one connection pool per event loop (per process)
+# One connection pool per event loop (a server has one; keyed by the loop itself, so a later loop never gets a
+# pool bound to a closed one).
+_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
 
 
 def _session() -> aiohttp.ClientSession:
     loop = asyncio.get_running_loop()
-    session = _sessions.get(id(loop))
+    session = _sessions.get(loop)
     if session is None or session.closed:
         # limit=0: concurrency is bounded by the relay's own admission, not by a pool nobody sized
-        session = _sessions[id(loop)] = aiohttp.ClientSession(
+        session = _sessions[loop] = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True))
     return session
 
 
 async def close_sessions() -> None:
-    for key, session in list(_sessions.items()):
+    """Closes this event loop's pool (at shutdown)."""
+    session = _sessions.pop(asyncio.get_running_loop(), None)
+    if session is not None:
         with contextlib.suppress(Exception):
             await session.close()
-        _sessions.pop(key, None)
 
 
 class OpenAIClient:

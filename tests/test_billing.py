@@ -198,3 +198,15 @@ def test_a_cut_stream_bills_tool_call_arguments_and_reasoning_too():
     usage = asyncio.run(unreported_usage(entry, request, 100, sent))
     assert usage["completion_tokens"] >= 5 and usage["prompt_tokens"] >= _qwen_reference(QWEN_TEXT)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_concurrent_first_uses_load_a_tokenizer_once(monkeypatch):
+    from relay import tokens
+
+    loads = []
+    real = tokens._load
+    monkeypatch.setattr(tokens, "_loaded", {})
+    monkeypatch.setattr(tokens, "_load", lambda *a: loads.append(a) or real(*a))
+    with ThreadPoolExecutor(16) as pool:
+        found = list(pool.map(lambda _: tokens.model_tokenizer("qwen2.5-7b"), range(16)))
+    assert len(loads) == 1 and all(f is found[0] and f is not None for f in found)

@@ -4,6 +4,7 @@ keeps serving everybody else."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -114,6 +115,54 @@ def test_admin_json_nested_too_deep_is_400_and_stores_nothing(relay, depth):
     explain = f'{{"model": "m", "request": {{"model": "m", "messages": [], "deep": {deep_headers}}}}}'.encode()
     response = httpx.post(relay.url + "/admin/policies/explain", content=explain, headers=headers, timeout=30)
     assert _error(response, 400)["param"].startswith("request.deep.x")
+
+
+def test_refusing_a_deep_body_costs_what_parsing_it_does():
+    """Finding where a body is too deep is one pass: a wide body with one deep branch (98,000 arrays) used to
+    cost seconds on the event loop (a depth walk per level)."""
+    from backends.wire.errors import APIError
+    from backends.wire.json_limits import load_json
+
+    wide = b"[]," * 98000
+    crafted = b'{"x": ' + b"[" * 59 + b"[" * 10 + b"0" + b"]" * 10 + b",[" + wide + b"[]]" + b"]" * 59 + b"}"
+    valid = b'{"x": [' + wide + b"[]]}"
+
+    def seconds(body: bytes) -> float:
+        started = time.process_time()
+        for _ in range(3):
+            with contextlib.suppress(APIError):
+                load_json(body)
+        return time.process_time() - started
+
+    with pytest.raises(APIError) as refused:
+        load_json(crafted)
+    assert refused.value.param.startswith("x.0.0.0")
+    assert seconds(crafted) < 5 * seconds(valid) + 0.05  # the same run: was ~30x
+
+
+@pytest.mark.parametrize("body", [
+    b'{"name": "nan-ch", "type": "openai","base_url": "http://127.0.0.1:9/v1", "models": ["m"], "options": {"n": NaN}}',
+    "\ufeff".encode() + b'{"name": "bom-ch", "type": "openai", "base_url": "http://127.0.0.1:9/v1", "models": ["m"]}',
+    '{"name": "utf16-ch", "type": "openai", "base_url": "http://127.0.0.1:9/v1", "models": ["m"]}'.encode("utf-16"),
+])
+def test_admin_bodies_other_parsers_would_take_are_400(relay, body):
+    """What orjson refuses, Python's json may take (NaN, a byte-order mark, UTF-16) and so skip the depth
+    check: admin routes answer 400 for it too, and store nothing."""
+    headers = {"Authorization": "Bearer test-admin-token", "Content-Type": "application/json"}
+    response = httpx.post(relay.url + "/admin/channels", content=body, headers=headers, timeout=30)
+    assert _error(response, 400)["type"] == "invalid_request_error"
+    names = [c["name"] for c in relay.ok("GET", "/admin/channels")]
+    assert not {"nan-ch", "bom-ch", "utf16-ch"} & set(names)
+
+
+def test_a_named_path_is_decoded_cut_and_free_of_control_characters(relay):
+    key = relay.new_key()
+    raw = (b'{"model": "gpt-x", "messages": [], "a\\"b\\u001b[31m\xe2\x80\xae' + b"k" * 500 + b'": '
+           + b'{"k": ' * 1100 + b"1" + b"}" * 1100 + b"}")
+    error = _error(_chat(relay, key["key"], raw=raw), 400)
+    first = error["param"].split(".")[0]
+    assert first.startswith('a"b[31m') and len(first) <= 64
+    assert not any(ord(c) < 32 or c == "\u202e" for c in error["param"] + error["message"])
 
 
 def test_a_backtracking_pattern_cannot_hold_the_gateway(relay):

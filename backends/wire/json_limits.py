@@ -1,10 +1,11 @@
 """Structural limits on a JSON body, held before and while it is parsed: objects and arrays counted in the raw
 bytes, nesting depth (a 400 naming where), so no body can make a parser, a validator or a recursive walk (the
 cache key, secret redaction, serialisation) run out of memory or stack. Both servers' /v1 bodies and the admin
-API's go through `load_json`."""
+API's go through `load_json`. Refusing a body costs no more than parsing it: every check is one linear pass."""
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import orjson
@@ -19,7 +20,10 @@ MAX_CONTAINERS = 100_000
 _JSON_STRING = re2.compile(rb'"(?:[^"\\]|\\.)*"')
 # In the raw bytes: every string (a key when a colon follows), and the structural characters.
 _JSON_TOKEN = re2.compile(rb'"(?:[^"\\]|\\.)*"(\s*:)?|[\[\]{},]')
-_SCAN_BYTES = 256 * 1024  # how far into the raw bytes a too-deep path is looked for (orjson stops at 1,024 levels)
+# How far into the raw bytes a body deeper than orjson goes (1,024 levels) is searched for the place to name:
+# such bodies open their brackets early, and a longer scan would cost a refusal more than a parse.
+_SCAN_BYTES = 8 * 1024
+_SEGMENT_CHARS = 64  # a key named in an error is cut to this
 
 
 def load_json(raw: bytes) -> Any:
@@ -53,44 +57,38 @@ def _too_many_containers(raw: bytes) -> bool:
     return outside_strings.count(b"{") + outside_strings.count(b"[") > MAX_CONTAINERS
 
 
-def _too_deep(value: Any, limit: int) -> bool:
-    """Whether a container nests more than `limit` levels below `value`. Iterative (depth costs no stack), and
-    without paths (a path per value would cost a tuple per value of a huge body)."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((v, depth + 1) for v in children if isinstance(v, dict | list))
-    return False
-
-
 def _deeper_than(value: Any, limit: int) -> str | None:
-    """The path to the first value nested deeper than `limit`, or None."""
-    if not _too_deep(value, limit):
-        return None
-    path: list[str] = []
-    node = value
-    while len(path) <= limit:  # follow a branch that is still too deep
+    """The path to the first container nested deeper than `limit`, or None. One iterative pass over the
+    containers (there are at most MAX_CONTAINERS), each remembering its parent, so the path is read back."""
+    parents: list[tuple[int, Any]] = []  # per container visited: (its parent's index, its key there)
+    stack: list[tuple[Any, int, int, Any]] = [(value, 0, -1, None)]
+    while stack:
+        node, depth, parent, key = stack.pop()
+        index = len(parents)
+        parents.append((parent, key))
+        if depth > limit:
+            keys = []
+            while index > 0:
+                index, key = parents[index]
+                keys.append(key)
+            return _path(keys[::-1])
         items = node.items() if isinstance(node, dict) else enumerate(node)
-        key, node = next((k, v) for k, v in items
-                         if isinstance(v, dict | list) and _too_deep(v, limit - len(path) - 1))
-        path.append(str(key))
-    return _path(path)
+        stack.extend((v, depth + 1, index, k) for k, v in items if isinstance(v, dict | list))
+    return None
 
 
 def _raw_path_deeper_than(raw: bytes, limit: int) -> str | None:
-    """The path to the first container nested deeper than `limit`, read off the raw bytes without parsing them."""
+    """The path to the first container nested deeper than `limit`, read off the first _SCAN_BYTES of the raw
+    bytes without parsing them; None when it lies further in."""
     stack: list[list[Any]] = []  # per open container: [is an object, its current key or index]
     for match in _JSON_TOKEN.finditer(raw[:_SCAN_BYTES]):
         token = match.group(0)
         if token[:1] == b'"':
             if match.group(1) and stack:
-                stack[-1][1] = token[:token.rindex(b'"') + 1][1:-1].decode("utf-8", "replace")
+                stack[-1][1] = _decoded(token[:token.rindex(b'"') + 1])
         elif token in (b"{", b"["):
             if len(stack) > limit:
-                return _path([str(key) for _, key in stack])
+                return _path([key for _, key in stack])
             stack.append([token == b"{", None if token == b"{" else 0])
         elif token in (b"}", b"]"):
             if stack:
@@ -100,5 +98,16 @@ def _raw_path_deeper_than(raw: bytes, limit: int) -> str | None:
     return None
 
 
-def _path(keys: list[str]) -> str:
-    return ".".join(keys[:8]) + (".…" if len(keys) > 8 else "")
+def _decoded(quoted: bytes) -> str:
+    try:
+        return orjson.loads(quoted)
+    except orjson.JSONDecodeError:
+        return quoted[1:-1].decode("utf-8", "replace")
+
+
+def _path(keys: list[Any]) -> str:
+    """`a.0.b…`: at most eight segments, each cut short and without control or bidirectional-text characters
+    (it is echoed to the client and may reach a terminal)."""
+    segments = ["".join(c for c in str(k)[:_SEGMENT_CHARS] if unicodedata.category(c)[0] != "C")
+                for k in keys[:8]]
+    return ".".join(segments) + (".…" if len(keys) > 8 else "")
