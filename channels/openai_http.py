@@ -30,9 +30,11 @@ def _session() -> aiohttp.ClientSession:
     loop = asyncio.get_running_loop()
     session = _sessions.get(loop)
     if session is None or session.closed:
-        # limit=0: concurrency is bounded by the relay's own admission, not by a pool nobody sized
-        session = _sessions[loop] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True))
+        # limit=0: concurrency is bounded by the relay's own admission, not by a pool nobody sized.
+        # keepalive 4 s: below the 5 s after which uvicorn (vLLM's server, and our worker's) closes an idle
+        # connection; aiohttp's 15 s default reuses connections the upstream is closing, a 502 by chance.
+        session = _sessions[loop] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            limit=0, ttl_dns_cache=300, enable_cleanup_closed=True, keepalive_timeout=4.0))
     return session
 
 

@@ -123,3 +123,34 @@ def test_closing_the_batches_closes_the_upstream_connection():
         return False
 
     assert asyncio.run(run())
+
+
+def test_an_idle_connection_is_not_reused_after_the_upstreams_keepalive():
+    """uvicorn (vLLM's server, the worker's) closes a connection idle for 5 s; the relay's pool lets go of it
+    before that, so it never sends a request down a connection the upstream is closing (a 502 by chance)."""
+    peers: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername")[1])
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app, keepalive_timeout=60)  # this server would keep it: the client decides
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        try:
+            client = OpenAIClient(url, None, 10)
+            await client.post("/chat/completions", {"model": "m"})
+            await client.post("/chat/completions", {"model": "m"})  # at once: the same connection
+            await asyncio.sleep(4.5)
+            await client.post("/chat/completions", {"model": "m"})  # after 4.5 s idle: a new one
+        finally:
+            await runner.cleanup()
+            await openai_http.close_sessions()
+
+    asyncio.run(run())
+    assert peers[0] == peers[1] and peers[2] != peers[1]
