@@ -70,25 +70,12 @@ def _write(settings: Settings, write) -> int:
         engine.dispose()
 
 
-def _parsed(schema, **fields):
-    """A CLI's fields through the admin API's own schema: the same validation, the same messages."""
-    from pydantic import ValidationError
-
-    from relay.errors import bad_request
-
-    try:
-        return schema(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise bad_request(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-
-
 def _tenant_create(args: argparse.Namespace, settings: Settings) -> int:
     from admin import service
     from admin.schemas import TenantCreate
 
     def write(s):
-        body = _parsed(TenantCreate, name=args.name, token_quota=args.token_quota, rpm=args.rpm, tpm=args.tpm)
+        body = service.parsed(TenantCreate, name=args.name, token_quota=args.token_quota, rpm=args.rpm, tpm=args.tpm)
         tenant = service.create_tenant(s, body, "cli")
         return {"id": tenant.id, "name": tenant.name}
 
@@ -102,8 +89,8 @@ def _key_create(args: argparse.Namespace, settings: Settings) -> int:
     def write(s):
         tenant = service.tenant_by_name_or_id(s, args.tenant)
         models = args.models.split(",") if args.models else None
-        key, secret = service.create_key(s, _parsed(KeyCreate, tenant_id=tenant.id, name=args.name, models=models),
-                                         "cli")
+        body = service.parsed(KeyCreate, tenant_id=tenant.id, name=args.name, models=models)
+        key, secret = service.create_key(s, body, "cli")
         return {"id": key.id, "tenant_id": tenant.id, "key": secret}
 
     return _write(settings, write)
@@ -131,8 +118,9 @@ def _channel_add(args: argparse.Namespace, settings: Settings) -> int:
             from relay.errors import bad_request
 
             raise bad_request(f"--options / --model-mapping must be JSON: {exc}") from None
-        body = _parsed(ChannelCreate, name=args.name, type=args.type, base_url=args.base_url, api_key=args.api_key,
-                       models=args.models.split(","), options=options, model_mapping=mapping)
+        body = service.parsed(ChannelCreate, name=args.name, type=args.type, base_url=args.base_url,
+                              api_key=args.api_key, models=args.models.split(","), options=options,
+                              model_mapping=mapping)
         channel = service.create_channel(s, body, "cli", secret_box(settings))
         return {"id": channel.id, "name": channel.name}
 

@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 from sqlmodel import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from backends.wire.json_limits import load_json
+from backends.wire.json_limits import INLINE_PARSE_BYTES, load_json
 from relay.auth import bearer_token
 from relay.errors import APIError
 from relay.secrets import SecretBox
@@ -23,7 +23,6 @@ from relay.secrets import SecretBox
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 FilterId = Annotated[int | None, Query(ge=1, le=2**31 - 1)]
 ADMIN_PREFIX = "/admin"
-_INLINE_BYTES = 1 << 20
 log = logging.getLogger("relay.admin")
 
 
@@ -77,7 +76,7 @@ class JSONLimitedRoute(APIRoute):
                 if raw.strip():
                     # Whatever orjson refuses is a 400 here too: Python's own parser (FastAPI's) would take
                     # NaN, a byte-order mark or UTF-16 and so skip the depth check.
-                    if len(raw) <= _INLINE_BYTES:
+                    if len(raw) <= INLINE_PARSE_BYTES:
                         load_json(raw)
                     else:  # a large body is parsed off the event loop, as /v1 bodies are
                         await asyncio.to_thread(load_json, raw)

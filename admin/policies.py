@@ -19,6 +19,7 @@ from relay.policy_rules import PRESETS, Rules
 
 router = APIRouter(prefix="/admin/policies", tags=["policies"], route_class=JSONLimitedRoute)
 
+
 class PolicyOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int

@@ -35,6 +35,16 @@ from relay.secrets import SecretBox
 Row = TypeVar("Row", bound=SQLModel)
 
 
+def parsed(schema: type[Any], **fields: Any) -> Any:
+    """Fields from outside the admin API (CLI, bootstrap) through its own schema: the same validation, and its
+    first error as a 400 naming the field. None means left out."""
+    try:
+        return schema(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise bad_request(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
 def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[str, Any] | None,
          actor: str, after: dict[str, Any] | None = None) -> None:
     """Commits the pending change, its audit event and the config-version bump together."""
@@ -158,11 +168,7 @@ def delete_channel(s: Session, channel_id: int, actor: str) -> None:
 
 def upsert_local_channel(s: Session, name: str, url: str, model: str, actor: str) -> Channel:
     """The channel of a worker started by `serve --with-worker` (or named by `--worker-url`)."""
-    try:
-        ChannelCreate(name=name, type="local", base_url=url, models=[model])  # the admin API's own checks
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise bad_request(f"The worker's channel: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    parsed(ChannelCreate, name=name, type="local", base_url=url, models=[model])  # the admin API's own checks
     channel = s.exec(select(Channel).where(Channel.name == name)).first()
     before = snapshot_row(channel)
     if channel is None:
@@ -191,7 +197,7 @@ def auto_disable(s: Session, channel_id: int, reason: str) -> bool:
     return True
 
 
-# --- policies ------------------------------------------------------------------------------------
+# --- cache ---------------------------------------------------------------------------------------
 
 def record_cache_purge(s: Session, filters: dict[str, Any], purged: int, actor: str) -> None:
     """A purge changes no configuration (no version bump) but is an operator's act: audited like one."""
@@ -199,6 +205,8 @@ def record_cache_purge(s: Session, filters: dict[str, Any], purged: int, actor: 
                      after={**filters, "purged": purged}))
     s.commit()
 
+
+# --- policies ------------------------------------------------------------------------------------
 
 def check_tenant(s: Session, tenant_id: int | None) -> None:
     if tenant_id is not None and s.get(Tenant, tenant_id) is None:

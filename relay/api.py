@@ -2,8 +2,7 @@
 
 Bodies are read as raw bytes (backends.wire.body_limit stops an oversized one while it is read) and parsed by
 backends.wire.requests (structural limits in backends.wire.json_limits), large ones and response schemas off the
-event loop; the request schemas are still
-published in /openapi.json for clients and fuzzers."""
+event loop; the request schemas are still published in /openapi.json for clients and fuzzers."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from backends.wire.event_stream import EventStreamResponse
+from backends.wire.json_limits import INLINE_PARSE_BYTES
 from backends.wire.requests import ChatRequest, CompletionRequest, parse_body
 from backends.wire.responses import SSE_DONE, model_card, model_list, sse
 from relay.auth import authenticate, model_allowed
@@ -26,7 +26,6 @@ from relay.pipeline import Pipeline, RelayCall
 
 router = APIRouter()
 _STARTED = int(time.time())
-_PARSE_INLINE_BYTES = 1 << 20  # larger bodies are parsed and validated off the event loop
 
 
 def _openapi_body(schema: type) -> dict[str, Any]:
@@ -60,7 +59,7 @@ async def _relay(request: Request, endpoint: str, schema) -> Response:
     principal = _principal(request)  # a bad key is a 401 even when the body is broken too
     raw = await request.body()
     try:
-        if len(raw) <= _PARSE_INLINE_BYTES:
+        if len(raw) <= INLINE_PARSE_BYTES:
             body = parse_body(raw, schema)
         else:
             body = await asyncio.to_thread(parse_body, raw, schema)

@@ -24,6 +24,7 @@ _JSON_TOKEN = re2.compile(rb'"(?:[^"\\]|\\.)*"(\s*:)?|[\[\]{},]')
 # such bodies open their brackets early, and a longer scan would cost a refusal more than a parse.
 _SCAN_BYTES = 8 * 1024
 _SEGMENT_CHARS = 64  # a key named in an error is cut to this
+INLINE_PARSE_BYTES = 1 << 20  # servers parse larger bodies off the event loop
 
 
 def load_json(raw: bytes) -> Any:
