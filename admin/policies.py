@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, select
@@ -12,7 +13,9 @@ from admin import service
 from admin.crud import get_or_404
 from admin.deps import JSONLimitedRoute, RowId, announce, db_session, require_admin
 from admin.schemas import INT32_MAX, PolicyCreate, PolicyUpdate
-from relay.errors import bad_request
+from backends.wire.requests import ChatRequest, CompletionRequest, EmbeddingRequest, parse_body
+from relay.dialects import messages, responses
+from relay.errors import APIError, bad_request
 from relay.models import ModelPolicy
 from relay.policy import apply_policy
 from relay.policy_rules import PRESETS, Rules
@@ -33,9 +36,36 @@ class PolicyOut(BaseModel):
 
 class ExplainBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    request: dict[str, Any]  # a chat completions body
+    request: dict[str, Any]  # a body of any endpoint
     tenant_id: int | None = Field(default=None, ge=1, le=INT32_MAX)
     task: str | None = None  # as the X-Relay-Task header would give it
+    endpoint: Literal["chat", "completions", "embeddings", "responses", "messages"] | None = None  # None: by shape
+
+
+_SCHEMAS = {"chat": ChatRequest, "completions": CompletionRequest, "embeddings": EmbeddingRequest,
+            "responses": responses.ResponsesRequest, "messages": messages.MessagesRequest}
+
+
+def _shape(request: dict[str, Any]) -> str:
+    """Which API a body speaks: `input` is the Responses API's (embeddings are only ever named), `prompt`
+    completions', and `messages` Anthropic's when it has Anthropic's own fields, else chat's."""
+    if "input" in request:
+        return "responses"
+    if "prompt" in request:
+        return "completions"
+    if "system" in request or "stop_sequences" in request:
+        return "messages"
+    return "chat"
+
+
+def normalised(endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The body validated as its endpoint does, and as the policies see it (another API's shape translated)."""
+    body = parse_body(orjson.dumps(request), _SCHEMAS[endpoint])
+    if endpoint == "responses":
+        return responses.to_chat(body)
+    if endpoint == "messages":
+        return messages.to_chat(body)[0]
+    return body
 
 
 @router.get("/presets")
@@ -48,9 +78,16 @@ def explain(body: ExplainBody, request: Request, _: str = Depends(require_admin)
     """What the relay would do with this request right now: matched policy, rewrites, final request."""
     if not isinstance(body.request.get("model"), str):
         raise bad_request("request.model must be a string.", "request.model")
-    outcome = apply_policy(request.app.state.catalog.snapshot.policies, body.request, body.tenant_id, body.task)
-    return {"policy": outcome.ref, "task": outcome.task, "rewrites": outcome.rewrites, "notes": outcome.notes,
-            "request": outcome.request}
+    endpoint = body.endpoint or _shape(body.request)
+    try:
+        seen = normalised(endpoint, body.request)
+    except APIError as exc:
+        raise bad_request(f"request ({endpoint}): {exc.message}", f"request.{exc.param}" if exc.param else "request",
+                          exc.code) from None
+    outcome = apply_policy(request.app.state.catalog.snapshot.policies, seen, body.tenant_id, body.task,
+                           "embeddings" if endpoint == "embeddings" else "chat")
+    return {"endpoint": endpoint, "policy": outcome.ref, "task": outcome.task, "rewrites": outcome.rewrites,
+            "notes": outcome.notes, "normalised": seen, "request": outcome.request}
 
 
 @router.post("", status_code=201, response_model=PolicyOut)

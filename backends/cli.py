@@ -10,12 +10,16 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="tiny-qwen2 | tiny-qwen3 | smollm2-135m | a HuggingFace id | a folder | a .gguf file")
+                        help="tiny-qwen2 | tiny-qwen3 | smollm2-135m | a HuggingFace id | a folder | a .gguf file; "
+                             "or an embedding model (serves /v1/embeddings): all-minilm-l6-v2 | a "
+                             "sentence-transformers folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float16, ...")
-    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bfloat16 on CUDA, float32 on CPU; float32 for an embedding model), float16, ...")
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="sequences decoded together (an embedding model: inputs per forward)")
     parser.add_argument("--max-prefill-tokens", type=int, default=None,
                         help="new prompt tokens prefilled per step; the rest wait a step, so a burst of arrivals "
                              "starts in groups and running streams keep moving (default: 96 on CPU, 2048 on CUDA)")
@@ -26,20 +30,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from backends.loading import load
+    from backends.embedder import is_embedding_model
     from backends.parent import exit_with_parent
-    from backends.server import create_worker_app
 
     exit_with_parent()
-    # The engine thread gives up the GIL in every torch op and must win it back each time; while the event loop
-    # runs Python (a burst of requests to parse and render) each win can wait the whole switch interval (5 ms
-    # by default), which slowed a prefill several-fold in our measurements. 1 ms keeps that wait short.
+    # The engine thread (or the embedder's forward thread) gives up the GIL in every torch op and must win it back
+    # each time; while the event loop runs Python (a burst of requests to parse and render) each win can wait the
+    # whole switch interval (5 ms by default), which slowed a prefill several-fold in our measurements. 1 ms keeps
+    # that wait short.
     sys.setswitchinterval(0.001)
+    if is_embedding_model(args.model):
+        return _run_embedding(args)
+
+    from backends.loading import load
+    from backends.server import create_worker_app
+
     lm = load(args.model, device=args.device, dtype=args.dtype)
     logging.getLogger("backends").info("worker serving %s on %s (%s)", lm.name, lm.device, lm.dtype)
     uvicorn.run(create_worker_app(lm, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
                                   max_body_mb=args.max_body_mb), host=args.host,
                 port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def _run_embedding(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from backends.embedder import load_embedder
+    from backends.embedding_server import create_embedding_app
+
+    embedder = load_embedder(args.model, device=args.device, dtype=args.dtype)
+    logging.getLogger("backends").info("worker serving embedding model %s on %s", embedder.name, embedder.device)
+    uvicorn.run(create_embedding_app(embedder, max_batch=args.max_batch, max_body_mb=args.max_body_mb),
+                host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 
 

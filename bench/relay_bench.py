@@ -4,7 +4,8 @@ Three targets serve the same fast fake upstream (tests/fake_upstream.py), each m
   (a) the upstream called directly, (b) policy-relay (1 worker), (c) the LiteLLM proxy (1 worker).
 For each: requests/s at concurrency 32 for --duration seconds, and p50/p99 latency at concurrency 1
 over --requests requests. policy-relay's own work is read from its `Server-Timing: relay;dur=...`
-header. All figures are ratios against baselines measured in the same run.
+header. Then policy-relay alone: the same non-streamed request as /v1/messages and an /v1/embeddings call, their
+overhead against chat's (bench/endpoints.py). All figures are ratios against baselines measured in the same run.
 
 Run from the repository root with the project's venv:
     python bench/relay_bench.py [--duration 10] [--requests 300] [--skip-litellm-proxy]
@@ -50,6 +51,7 @@ from bench.common import (  # noqa: E402
     server_timing,
     wait_ready,
 )
+from bench.endpoints import EndpointResult, measure_endpoints, report_endpoints  # noqa: E402
 from bench.streams import LONG, SHORT, UPSTREAM_MODELS, StreamResult, measure_streams, report_streams  # noqa: E402
 
 MODEL = "bench-model"
@@ -74,6 +76,7 @@ class Result:
     errors: int = 0
     skipped: str | None = None
     streams: StreamResult | None = None
+    endpoints: dict[str, EndpointResult] | None = None  # policy-relay only: chat vs messages vs embeddings
 
 
 async def one(session: aiohttp.ClientSession, target: Target, res: Result, timed: bool) -> bool:
@@ -206,6 +209,9 @@ async def bench_relay(args: argparse.Namespace, servers: Servers, s: aiohttp.Cli
     await check(s, relay)
     print(f"measuring policy-relay ({workers} worker{'s' if workers > 1 else ''}) ...", file=sys.stderr, flush=True)
     result = await measure(relay, args, proc.pid)
+    if workers == 1 and not args.skip_endpoints:
+        print("  endpoints: chat, messages, embeddings ...", file=sys.stderr, flush=True)
+        result.endpoints = await measure_endpoints(base, key, MODEL, args)
     servers.stop("relay")
     return result
 
@@ -280,6 +286,8 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
     print("  p50 latency added over upstream direct: " + ", ".join(added))
     if not args.skip_streams:
         report_streams(results, args.concurrency)
+    if relay.endpoints:
+        report_endpoints(relay.endpoints, args.concurrency)
 
 
 def main() -> int:
@@ -292,6 +300,7 @@ def main() -> int:
     parser.add_argument("--skip-litellm-proxy", action="store_true", help="measure only (a) and (b)")
     parser.add_argument("--litellm-proxy-cmd", help='command that runs the proxy, e.g. "/venv/bin/litellm"')
     parser.add_argument("--skip-streams", action="store_true", help="only the non-streamed scenario")
+    parser.add_argument("--skip-endpoints", action="store_true", help="no /v1/messages and /v1/embeddings scenario")
     parser.add_argument("--relay-workers-2", action="store_true", help="also measure `serve --workers 2`")
     args = parser.parse_args()
 

@@ -56,6 +56,7 @@ OPENAI_FIELDS = {
         "model", "prompt", "temperature", "top_p", "n", "stream", "stream_options", "stop", "max_tokens",
         "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "echo", "suffix",
         "best_of"}),
+    "embeddings": frozenset({"model", "input", "encoding_format", "dimensions"}),
 }
 
 # ONE API / new-api disable a channel whose error carries these; a provider's words must not pass them on.
@@ -106,6 +107,11 @@ class Channel(ABC):
 
     @abstractmethod
     def completion_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def embedding(self, request: dict[str, Any]) -> dict[str, Any]:
+        """/v1/embeddings; a channel type that has none refuses (the request's error: no failover counted)."""
+        raise UpstreamError(400, f"Channels of type `{self.type_name}` do not serve /v1/embeddings.",
+                            retryable=False, kind="invalid_request_error", code="unsupported_endpoint")
 
     # What the pipeline reads: chunks in lists of those that arrived together, relayed with one write each. A
     # channel that reads bytes off the wire overrides these; by default every chunk is its own list.

@@ -52,6 +52,7 @@ _PRIVATE_KEYS = frozenset({"provider_specific_fields", "_hidden_params", "_respo
 _LITELLM_ARGS = {
     "chat": OPENAI_FIELDS["chat"] | {"user", "store", "service_tier", "modalities", "audio", "prediction"},
     "completions": OPENAI_FIELDS["completions"] | {"user"},
+    "embeddings": OPENAI_FIELDS["embeddings"] | {"user"},
 }
 _NOT_FORWARDED = frozenset({"model", "metadata"})  # metadata carries relay hints (metadata.task)
 
@@ -173,8 +174,8 @@ class LiteLLMChannel(Channel):
             kwargs["api_key"] = self.config.api_key
         return kwargs
 
-    def _kwargs(self, request: dict[str, Any], *, text: bool = False) -> dict[str, Any]:
-        fields = _LITELLM_ARGS["completions" if text else "chat"]
+    def _kwargs(self, request: dict[str, Any], *, text: bool = False, endpoint: str = "chat") -> dict[str, Any]:
+        fields = _LITELLM_ARGS["completions" if text else endpoint]
         body = {k: v for k, v in request.items() if k in fields}
         extra = {k: v for k, v in request.items() if k not in fields and k not in _NOT_FORWARDED}
         if extra:
@@ -185,9 +186,10 @@ class LiteLLMChannel(Channel):
         return {**body, **self.connection_kwargs(), "timeout": self.config.timeout_s, "num_retries": 0,
                 "_skip_mcp_handler": True}
 
-    async def _call(self, function: Any, request: dict[str, Any], *, text: bool) -> dict[str, Any]:
+    async def _call(self, function: Any, request: dict[str, Any], *, text: bool, endpoint: str = "chat"
+                    ) -> dict[str, Any]:
         try:
-            response = await function(**self._kwargs(request, text=text))
+            response = await function(**self._kwargs(request, text=text, endpoint=endpoint))
         except Exception as exc:
             raise classify(exc) from exc
         return clean(response.model_dump())
@@ -213,6 +215,9 @@ class LiteLLMChannel(Channel):
 
     def completion_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self._stream(litellm.atext_completion, request, text=True)
+
+    async def embedding(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(litellm.aembedding, request, text=False, endpoint="embeddings")
 
 async def warm_up() -> None:
     """litellm loads its provider modules on first use (~1 s); pay that at startup, offline."""

@@ -70,6 +70,11 @@ class OpenAIChannel(LiteLLMChannel):
             return super().completion_stream(request)
         return self.client.stream("/completions", _without_relay_fields(request))
 
+    async def embedding(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.client is None:
+            return await super().embedding(request)
+        return await self.client.post("/embeddings", _without_relay_fields(request))
+
     # --- the litellm route ----------------------------------------------------------------------------------
 
     @property

@@ -52,13 +52,14 @@ def generated_text(chunk: dict[str, Any]) -> list[str]:
     return pieces
 
 
-async def unreported_usage(entry: Entry, request: dict[str, Any], body_bytes: int, sent: list[str]) -> dict[str, int]:
+async def unreported_usage(entry: Entry, endpoint: str, request: dict[str, Any], body_bytes: int,
+                           sent: list[str]) -> dict[str, int]:
     """A stream that ended without the upstream's usage (cut off, or an upstream that never reports it): the
     upstream read the whole prompt and produced what was sent, so that is the bill."""
     admission = entry.admission
     prompt = admission.prompt_tokens if admission is not None else None
     if prompt is None:
-        prompt = await prompt_tokens(entry.endpoint, request, body_bytes)
+        prompt = await prompt_tokens(endpoint, request, body_bytes)
     completion = await text_tokens("".join(sent), request.get("model"))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -111,7 +112,7 @@ class Accounting:
         admission = Admission(tpm=tpm)
         if tpm or self.quota.applies(principal):
             admission.prompt_tokens = await prompt_tokens(endpoint, request, body_bytes)
-            per_choice = output_cap(request)
+            per_choice = 0 if endpoint == "embeddings" else output_cap(request)  # an embedding generates nothing
             if per_choice is None:
                 per_choice = admission.cap = self.output_estimate
             admission.estimate = (admission.prompt_tokens + output_budget(request, per_choice)) * calls

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -17,9 +17,10 @@ from starlette.responses import Response
 
 from backends.wire.event_stream import EventStreamResponse
 from backends.wire.json_limits import INLINE_PARSE_BYTES
-from backends.wire.requests import ChatRequest, CompletionRequest, parse_body
+from backends.wire.requests import ChatRequest, CompletionRequest, EmbeddingRequest, parse_body
 from backends.wire.responses import SSE_DONE, model_card, model_list, sse
 from relay.auth import authenticate, model_allowed
+from relay.dialects import messages, responses
 from relay.errors import APIError, not_found
 from relay.json_check import check_response_schema, response_schema
 from relay.pipeline import Pipeline, RelayCall
@@ -49,28 +50,44 @@ def _pipeline(request: Request) -> Pipeline:
     return request.app.state.pipeline
 
 
-def _principal(request: Request):
+def _principal(request: Request, api_key_header: bool = False):
     client_ip = request.client.host if request.client else None
-    return authenticate(_pipeline(request).catalog.snapshot, request.headers.get("authorization"), client_ip)
+    authorization = request.headers.get("authorization")
+    if api_key_header and not authorization and request.headers.get("x-api-key"):
+        authorization = "Bearer " + request.headers["x-api-key"]  # Anthropic's SDKs and Claude Code send x-api-key
+    return authenticate(_pipeline(request).catalog.snapshot, authorization, client_ip)
 
 
-async def _relay(request: Request, endpoint: str, schema) -> Response:
-    started = time.perf_counter()
-    principal = _principal(request)  # a bad key is a 401 even when the body is broken too
+async def _read(request: Request, surface: str, schema: type, principal: Any, started: float,
+                translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> tuple[dict[str, Any], int]:
+    """The validated body (translated to chat for another API's shape) and its size; a refusal is logged."""
     raw = await request.body()
     try:
         if len(raw) <= INLINE_PARSE_BYTES:
             body = parse_body(raw, schema)
         else:
             body = await asyncio.to_thread(parse_body, raw, schema)
+        if translate is not None:
+            body = translate(body)
         if response_schema(body) is not None:
             await asyncio.to_thread(check_response_schema, body)
     except APIError as exc:
-        _pipeline(request).reject(RelayCall(endpoint, {"model": "(invalid request)"}, principal, started), exc)
+        _pipeline(request).reject(RelayCall(surface, {"model": "(invalid request)"}, principal, started), exc)
         raise
-    call = RelayCall(endpoint, body, principal, started, request.headers.get("x-relay-task"),
-                     request.headers.get("cache-control"), len(raw))
-    result = await _pipeline(request).run(call)
+    return body, len(raw)
+
+
+def _call(request: Request, endpoint: str, body: dict[str, Any], principal: Any, started: float, size: int,
+          surface: str | None = None) -> RelayCall:
+    return RelayCall(endpoint, body, principal, started, request.headers.get("x-relay-task"),
+                     request.headers.get("cache-control"), size, surface)
+
+
+async def _relay(request: Request, endpoint: str, schema) -> Response:
+    started = time.perf_counter()
+    principal = _principal(request)  # a bad key is a 401 even when the body is broken too
+    body, size = await _read(request, endpoint, schema, principal, started)
+    result = await _pipeline(request).run(_call(request, endpoint, body, principal, started, size))
     if result.stream is not None:
         return EventStreamResponse(_framed(result.stream), headers={**result.headers, "Cache-Control": "no-cache"})
     return Response(orjson.dumps(result.body), media_type="application/json", headers=result.headers)
@@ -94,6 +111,55 @@ async def chat_completions(request: Request) -> Response:
 @router.post("/v1/completions", openapi_extra=_openapi_body(CompletionRequest), tags=["openai"])
 async def completions(request: Request) -> Response:
     return await _relay(request, "completions", CompletionRequest)
+
+
+@router.post("/v1/embeddings", openapi_extra=_openapi_body(EmbeddingRequest), tags=["openai"])
+async def embeddings(request: Request) -> Response:
+    return await _relay(request, "embeddings", EmbeddingRequest)
+
+
+@router.post("/v1/responses", openapi_extra=_openapi_body(responses.ResponsesRequest), tags=["openai"])
+async def responses_api(request: Request) -> Response:
+    started = time.perf_counter()
+    principal = _principal(request)
+    original: dict[str, Any] = {}
+
+    def translate(body: dict[str, Any]) -> dict[str, Any]:
+        original.update(body)
+        return responses.to_chat(body)
+
+    chat, size = await _read(request, "responses", responses.ResponsesRequest, principal, started, translate)
+    result = await _pipeline(request).run(_call(request, "chat", chat, principal, started, size, "responses"))
+    if result.stream is not None:
+        return EventStreamResponse(responses.stream(result.stream, original),
+                                   headers={**result.headers, "Cache-Control": "no-cache"})
+    return Response(orjson.dumps(responses.from_chat(result.body, original)), media_type="application/json",
+                    headers=result.headers)
+
+
+@router.post("/v1/messages", openapi_extra=_openapi_body(messages.MessagesRequest), tags=["anthropic"])
+async def messages_api(request: Request) -> Response:
+    started = time.perf_counter()
+    original: dict[str, Any] = {}
+    tool_names: dict[str, str] = {}
+
+    def translate(body: dict[str, Any]) -> dict[str, Any]:
+        original.update(body)
+        chat, names = messages.to_chat(body)
+        tool_names.update(names)
+        return chat
+
+    try:
+        principal = _principal(request, api_key_header=True)
+        chat, size = await _read(request, "messages", messages.MessagesRequest, principal, started, translate)
+        result = await _pipeline(request).run(_call(request, "chat", chat, principal, started, size, "messages"))
+    except APIError as exc:
+        return messages.error_response(exc)
+    if result.stream is not None:
+        return EventStreamResponse(messages.stream(result.stream, original, tool_names),
+                                   headers={**result.headers, "Cache-Control": "no-cache"})
+    return Response(orjson.dumps(messages.from_chat(result.body, original, tool_names)),
+                    media_type="application/json", headers=result.headers)
 
 
 @router.get("/v1/models", tags=["openai"])

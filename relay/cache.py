@@ -29,7 +29,7 @@ log = logging.getLogger("relay.cache")
 DEFAULT_TTL_S = 3600
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 # What does not change the answer: how it is delivered, and who asked.
-_NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "metadata"})
+_NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "metadata", "encoding_format"})
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ def plan(endpoint: str, outcome: PolicyOutcome, tenant_id: int, channels: list[C
          cache_control: str | None) -> CachePlan | None:
     rule = outcome.rules.cache if outcome.rules is not None else None
     mode = rule.mode if rule is not None else "deterministic"
-    if mode == "off" or (mode == "deterministic" and not deterministic(outcome.request, channels)):
+    fixed = endpoint == "embeddings" or deterministic(outcome.request, channels)  # an embedding never samples
+    if mode == "off" or (mode == "deterministic" and not fixed):
         return None
     directives = {d.strip().lower() for d in (cache_control or "").split(",")}
     namespace = (rule.namespace if rule is not None and rule.namespace else None) or f"tenant:{tenant_id}"
@@ -195,8 +196,16 @@ class ResponseCache:
 # --- what is stored, and how a hit is replayed -------------------------------------------------------
 
 def stored_from_response(endpoint: str, response: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    if endpoint == "embeddings":  # the vectors as floats: each hit answers in the encoding its client asks for
+        return {"endpoint": endpoint, "vectors": embedding_vectors(response), "usage": usage}
     return {"endpoint": endpoint, "choices": response.get("choices", []), "usage": usage,
             "system_fingerprint": response.get("system_fingerprint")}
+
+
+def embedding_vectors(response: dict[str, Any]) -> list[list[float]]:
+    """An upstream's /v1/embeddings answer as float vectors in input order (base64 ones unpacked)."""
+    data = sorted(response.get("data") or [], key=lambda d: d.get("index", 0))
+    return [wire.decode_vector(d.get("embedding") or []) for d in data]
 
 
 class StreamAssembler:
@@ -227,7 +236,9 @@ class StreamAssembler:
         return {"endpoint": self.endpoint, "choices": choices, "usage": usage}
 
 
-def replay_response(stored: dict[str, Any], model: str) -> dict[str, Any]:
+def replay_response(stored: dict[str, Any], model: str, encoding: str | None = None) -> dict[str, Any]:
+    if stored["endpoint"] == "embeddings":
+        return wire.embedding_list(model, stored["vectors"], stored["usage"]["prompt_tokens"], encoding)
     chat = stored["endpoint"] == "chat"
     out = wire.response(wire.head(chat, model), chat, stored["choices"], stored["usage"])
     if stored.get("system_fingerprint"):

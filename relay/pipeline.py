@@ -31,13 +31,14 @@ log = logging.getLogger("relay.pipeline")
 
 @dataclass
 class RelayCall:
-    endpoint: str  # "chat" | "completions"
+    endpoint: str  # "chat" | "completions" | "embeddings"
     body: dict[str, Any]
     principal: Principal
     started: float = field(default_factory=time.perf_counter)
     task_header: str | None = None  # X-Relay-Task
     cache_control: str | None = None  # Cache-Control: no-cache skips the lookup, no-store the store
     body_bytes: int = 0
+    surface: str | None = None  # the API the client spoke, when it was translated to `endpoint` (responses, messages)
 
 
 @dataclass
@@ -81,13 +82,14 @@ class Pipeline:
         self._background: set[asyncio.Task] = set()
 
     async def run(self, call: RelayCall) -> RelayResult:
-        attempt = _Attempt(call, PolicyOutcome(call.body), Entry(call.principal, call.endpoint, call.body["model"],
-                                                                 bool(call.body.get("stream")), call.started))
+        attempt = _Attempt(call, PolicyOutcome(call.body), Entry(call.principal, call.surface or call.endpoint,
+                                                                 call.body["model"], bool(call.body.get("stream")),
+                                                                 call.started))
         try:
             model = call.body["model"]
             check_model(call.principal, model)
             attempt.outcome = apply_policy(self.catalog.snapshot.policies, call.body, call.principal.tenant.id,
-                                           call.task_header)
+                                           call.task_header, call.endpoint)
             channels = self.catalog.snapshot.channels_by_model.get(model)
             if not channels:
                 raise not_found(f"The model `{model}` does not exist or you do not have access to it.",
@@ -148,7 +150,7 @@ class Pipeline:
         headers["Server-Timing"] = f"relay;dur={self._finish(attempt, 200, usage=usage):.3f}"
         model, body = attempt.call.body["model"], attempt.call.body
         if not body.get("stream"):
-            return RelayResult(headers=headers, body=replay_response(stored, model))
+            return RelayResult(headers=headers, body=replay_response(stored, model, body.get("encoding_format")))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         async def replay() -> AsyncIterator[list[dict[str, Any]]]:
@@ -197,6 +199,8 @@ class Pipeline:
                                                    policy_set)
         request["model"] = config.upstream_model(request["model"])
         attempt.entry.channel_id, attempt.entry.upstream_model = config.id, request["model"]
+        if attempt.call.endpoint == "embeddings":
+            request["encoding_format"] = "float"  # the client's encoding is made here, for misses and hits alike
         if request.get("stream") and channel.capabilities.stream_usage:
             # Always ask for usage so the log and quota are exact; the client sees it only if it asked.
             request["stream_options"] = {**(request.get("stream_options") or {}), "include_usage": True}
@@ -217,11 +221,14 @@ class Pipeline:
             headers["X-Relay-Json-Attempts"] = str(len(answers))
         usages = [clean_usage(a.get("usage")) for a in answers]
         usage = total_usage(usages)  # every attempt was paid for
-        response["model"] = attempt.call.body["model"]
-        response["usage"] = usage
         # A hit later costs what this one answer cost; a JSON answer that never parsed is not kept.
-        await self._store(attempt, stored_from_response(attempt.call.endpoint, response, usages[-1])
-                          if answer_ok else None)
+        stored = stored_from_response(attempt.call.endpoint, response, usages[-1]) if answer_ok else None
+        if attempt.call.endpoint == "embeddings":
+            response = replay_response(stored, attempt.call.body["model"], attempt.call.body.get("encoding_format"))
+        else:
+            response["model"] = attempt.call.body["model"]
+            response["usage"] = usage
+        await self._store(attempt, stored)
         headers.update(self._headers(attempt))
         total_ms = self._finish(attempt, 200, usage=usage)
         headers["Server-Timing"] = (f"upstream;dur={attempt.upstream_ms:.3f}, "
@@ -259,10 +266,9 @@ class Pipeline:
             request = self._upstream_request(attempt, channel)
             t0 = time.perf_counter()
             try:
-                if attempt.call.endpoint == "chat":
-                    response = await channel.chat(request)
-                else:
-                    response = await channel.completion(request)
+                call = {"chat": channel.chat, "completions": channel.completion,
+                        "embeddings": channel.embedding}[attempt.call.endpoint]
+                response = await call(request)
                 await self.breaker.succeeded(channel)
                 return response
             except UpstreamError as exc:
@@ -348,8 +354,8 @@ class Pipeline:
                 await self._store(attempt, assembler.stored(usage) if complete else None)
             if usage is None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
-                    usage = await unreported_usage(attempt.entry, attempt.outcome.request, attempt.call.body_bytes,
-                                                   sent)
+                    usage = await unreported_usage(attempt.entry, attempt.call.endpoint, attempt.outcome.request,
+                                                   attempt.call.body_bytes, sent)
             self._finish(attempt, status, usage=usage, error_type=error_type)
 
 

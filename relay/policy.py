@@ -224,10 +224,12 @@ def _greedy(w: _Rewriter, rules: Rules, sent: float) -> None:
 
 
 def apply_policy(policies: list[PolicyInfo], request: dict[str, Any], tenant_id: int | None,
-                 task_header: str | None = None) -> PolicyOutcome:
+                 task_header: str | None = None, endpoint: str = "chat") -> PolicyOutcome:
     policy = match(policies, request["model"], tenant_id)
     if policy is None:
         return PolicyOutcome(request)
+    if endpoint == "embeddings":  # nothing is sampled: the rules' sampling parameters have nothing to rewrite
+        return PolicyOutcome(request, [], policy.ref, policy.rules, "embeddings")
     task = detect_task(request, task_header)
     w = _rewrite(policy.rules, request, task)
     return PolicyOutcome(w.request, w.rewrites, policy.ref, policy.rules, task, w.notes)

@@ -73,7 +73,7 @@ def _count(endpoint: str, body: dict[str, Any]) -> int:
             return litellm.token_counter(model="gpt-4", custom_tokenizer=tokenizer,
                                          messages=body.get("messages") or [], tools=body.get("tools") or None,
                                          use_default_image_token_count=True)
-        prompt = body.get("prompt")
+        prompt = body.get("input") if endpoint == "embeddings" else body.get("prompt")
         if isinstance(prompt, str):
             return litellm.token_counter(model="gpt-4", custom_tokenizer=tokenizer, text=prompt)
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
@@ -84,7 +84,7 @@ def _count(endpoint: str, body: dict[str, Any]) -> int:
                        for p in prompt)
     except Exception:  # a shape the counter cannot read (the upstream will judge it): count by size
         pass
-    return len(orjson.dumps(body.get("messages") or body.get("prompt") or "")) // 3 + 1
+    return len(orjson.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")) // 3 + 1
 
 
 async def prompt_tokens(endpoint: str, body: dict[str, Any], body_bytes: int) -> int:

@@ -9,7 +9,7 @@ or the error code `account_deactivated`),
 (or with none) and valid JSON at or below it, `json-redos` answers {"a": "aaa…a"} (40 a's, the input that makes
 `^(a+)+X$` backtrack for ages), `words-<n>` answers n words, `numbered-<n>` n distinct words (w0 w1 …),
 `drip-<n>-<ms>` answers n words and streams them one every <ms> milliseconds, anything else answers
-"Hello from <model>".
+"Hello from <model>". /v1/embeddings answers unit vectors (8 numbers, or `dimensions`) hashed from each input.
 
 Run alone: python -m tests.fake_upstream --port 9101 [--delay-ms 50]"""
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import math
 import threading
 import time
 from typing import Any
@@ -70,6 +72,8 @@ class FakeUpstream:
             await asyncio.sleep(self.delay_s)
         if model.startswith("slow-"):
             await asyncio.sleep(int(model.split("-")[1]) / 1000)
+        if path.endswith("/embeddings"):
+            return await send_json(send, 200, embeddings(body))
         chat = path.endswith("/chat/completions")
         text = self.reply_text(model, body)
         words = [w + " " for w in text.split(" ")]
@@ -112,6 +116,22 @@ async def read_body(scope, receive, send) -> bytes | None:
         raw += message.get("body", b"")
         if not message.get("more_body"):
             return raw
+
+
+def fake_vector(item: Any, dimensions: int = 8) -> list[float]:
+    """A unit vector that depends only on the input (a text or token ids): what a real embedding model gives."""
+    digest = hashlib.sha256(json.dumps(item).encode()).digest()
+    raw = [b - 127.5 for b in digest[:dimensions]]
+    norm = math.sqrt(sum(x * x for x in raw))
+    return [x / norm for x in raw]
+
+
+def embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    items = body.get("input")
+    items = [items] if isinstance(items, str) or (items and isinstance(items[0], int)) else items
+    vectors = [fake_vector(item, body.get("dimensions") or 8) for item in items]
+    tokens = sum(len(i) if isinstance(i, list) else len(i.split()) for i in items)
+    return wire.embedding_list(body.get("model", ""), vectors, tokens, body.get("encoding_format"))
 
 
 def _count_prompt(body: dict[str, Any]) -> int:

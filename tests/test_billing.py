@@ -195,7 +195,7 @@ def test_a_cut_stream_bills_tool_call_arguments_and_reasoning_too():
     assert sent == ["get_weather", '{"city": ', "杭州"]
     entry = Entry(principal=None, endpoint="chat", model="qwen3-8b", stream=True, started=0.0)
     request = {"model": "qwen3-8b", "messages": [{"role": "user", "content": QWEN_TEXT}]}
-    usage = asyncio.run(unreported_usage(entry, request, 100, sent))
+    usage = asyncio.run(unreported_usage(entry, "chat", request, 100, sent))
     assert usage["completion_tokens"] >= 5 and usage["prompt_tokens"] >= _qwen_reference(QWEN_TEXT)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 

@@ -73,9 +73,11 @@ def install_handlers(app: FastAPI, max_body_bytes: int, body_limit_setting: str)
         return bad_request(message, param).response()
 
     @app.exception_handler(HTTPException)
-    async def _http(_req: Request, exc: HTTPException) -> Response:
+    async def _http(req: Request, exc: HTTPException) -> Response:
         if exc.status_code == 413:  # raised while the body is read (wire.body_limit)
             return too_large(max_body_bytes, body_limit_setting).response()
+        if exc.status_code == 404 and exc.detail == "Not Found":  # no such route: OpenAI's own words for it
+            return not_found(f"Invalid URL ({req.method} {req.url.path[:200]})").response()
         err_type = _STATUS_TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500
                                      else "invalid_request_error")
         return APIError(exc.status_code, str(exc.detail), err_type).response()

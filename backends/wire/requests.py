@@ -26,7 +26,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class _Common(BaseModel):
+class _Base(BaseModel):
     model_config = STRICT
     refused: ClassVar[frozenset[str]] = frozenset()  # fields of another endpoint: a 400 naming them
 
@@ -35,6 +35,9 @@ class _Common(BaseModel):
         """Rules across fields, after each field is valid on its own; a 400 naming the field."""
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class _Common(_Base):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: Temperature | None = None
@@ -107,7 +110,39 @@ class CompletionRequest(_Common):
                               "invalid_value")
 
 
-def parse_body(raw: bytes, schema: type[_Common]) -> dict[str, Any]:
+RequestSchema = _Base  # what other API shapes' schemas build on (the gateway's Responses and Messages APIs)
+
+# OpenAI's own bounds on /v1/embeddings: 2,048 inputs, none empty.
+MAX_EMBEDDING_INPUTS = 2048
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=65536)]
+
+
+class EmbeddingRequest(_Base):
+    input: (Annotated[str, Field(min_length=1)]
+            | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+            | TokenIds
+            | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)])
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Annotated[int, Field(ge=1, le=65536)] | None = None
+    user: str | None = None
+
+    @classmethod
+    def check(cls, body: dict[str, Any]) -> None:
+        if body.get("stream"):
+            raise bad_request("/v1/embeddings does not stream.", "stream", "unsupported_parameter")
+
+
+def embedding_inputs(body: dict[str, Any]) -> list[str] | list[list[int]]:
+    """A validated request's `input` as a list of texts or a list of token-id lists."""
+    value = body["input"]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value[0], int):
+        return [value]
+    return value
+
+
+def parse_body(raw: bytes, schema: type[_Base]) -> dict[str, Any]:
     """Parse and validate; returns the client's own dict (not a re-serialised model) so nothing the
     client sent is renamed or re-typed on the way upstream."""
     body = load_json(raw)

@@ -3,8 +3,10 @@ SSE framing of a stream (`data: {json}` events ending with `data: [DONE]`)."""
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
+from array import array
 from typing import Any
 
 import orjson
@@ -34,6 +36,30 @@ def chunk(head: dict[str, Any], chat: bool, choices: list[dict[str, Any]],
     if usage is not None:
         out["usage"] = usage
     return out
+
+
+def embedding_list(model: str, vectors: list[list[float]], prompt_tokens: int, encoding: str | None) -> dict[str, Any]:
+    """/v1/embeddings' answer; `base64` packs each vector as little-endian float32, as OpenAI does (the openai SDK
+    asks for it by default and unpacks it)."""
+    data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, encoding)} for i, v in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def encode_vector(vector: list[float], encoding: str | None) -> list[float] | str:
+    if encoding != "base64":
+        return vector
+    packed = array("f", vector)
+    if packed.itemsize != 4 or array("H", [1]).tobytes() != b"\x01\x00":
+        raise RuntimeError("float32 little-endian packing is not available here")
+    return base64.b64encode(packed.tobytes()).decode()
+
+
+def decode_vector(value: list[float] | str) -> list[float]:
+    """A vector as floats, whichever encoding an upstream answered in."""
+    if isinstance(value, str):
+        return array("f", base64.b64decode(value)).tolist()
+    return value
 
 
 def model_card(model: str, created: int, owned_by: str) -> dict[str, Any]:

@@ -214,7 +214,7 @@ function Playground() {
     if (t !== null) payload.tenant_id = t;
     if (task.trim()) payload.task = task.trim();
     const out = await action.run(() => post("/admin/policies/explain", payload));
-    if (out) setResult({ before: req, out });
+    if (out) setResult({ before: out.normalised ?? req, out });  // another API's body: diffed in chat's names
   }
 
   return html`<section class="card" aria-labelledby="playground-title">
