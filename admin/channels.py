@@ -59,19 +59,30 @@ def delete_channel(channel_id: RowId, request: Request, s: Session = Depends(db_
 async def test_channel(channel_id: RowId, request: Request, model: str | None = None,
                        s: Session = Depends(db_session), box: SecretBox = Depends(secret_box),
                        _: str = Depends(require_admin)) -> ChannelOut:
-    """Sends new-api's test request ("hi", max_tokens 16) and stores latency and outcome."""
+    """Sends new-api's test request ("hi", max_tokens 16) and stores latency and outcome; a channel whose upstream
+    refuses chat with a 400 is tried with an embedding of "hi" (an embedding model's channel)."""
     row = await run_in_threadpool(get_or_404, s, Channel, channel_id, "channel")
     config = channel_config(row, box)
-    requested = model or config.models[0]
-    probe = {"model": config.upstream_model(requested), "max_tokens": 16,
-             "messages": [{"role": "user", "content": "hi"}]}
+    upstream = config.upstream_model(model or config.models[0])
     started = time.perf_counter()
     ok, error = True, None
     try:
-        answer = await build(config).chat(probe)
-        content = answer["choices"][0]["message"].get("content")
-        if not isinstance(content, str) or "usage" not in answer:
-            ok, error = False, "answer has no string content or no usage"
+        channel = build(config)
+        try:
+            answer = await channel.chat({"model": upstream, "max_tokens": 16,
+                                         "messages": [{"role": "user", "content": "hi"}]})
+            content = answer["choices"][0]["message"].get("content")
+            good = isinstance(content, str) and "usage" in answer
+        except UpstreamError as refused:
+            if refused.status != 400:
+                raise
+            try:
+                answer = await channel.embedding({"model": upstream, "input": "hi", "encoding_format": "float"})
+            except UpstreamError:
+                raise refused from None  # not an embedding model either: the chat error says more
+            good = bool(answer.get("data")) and "usage" in answer
+        if not good:
+            ok, error = False, "answer has no string content (or no embedding) or no usage"
     except UpstreamError as exc:
         ok, error = False, f"{exc.kind}: {exc.message}"
     except Exception as exc:  # a plugin's own bug is a failed test, not a 500

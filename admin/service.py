@@ -173,9 +173,8 @@ def upsert_local_channel(s: Session, name: str, url: str, model: str, actor: str
     before = snapshot_row(channel)
     if channel is None:
         channel = Channel(name=name, type="local", models=[model])
-    channel.type, channel.base_url, channel.status = "local", url, "enabled"
-    if model not in channel.models:
-        channel.models = [*channel.models, model]
+    # A worker serves one model: a restart with another one must not leave the old name routed to it.
+    channel.type, channel.base_url, channel.status, channel.models = "local", url, "enabled", [model]
     if before is not None and before == snapshot_row(channel):
         return channel  # nothing changed: no audit event, no reload everywhere
     save(s, action="create" if before is None else "update", entity="channel", row=channel, before=before,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,72 +32,89 @@ class Job:
     rows: list[list[int]]  # one request's inputs as token ids, special tokens included, truncated
     future: asyncio.Future = field(repr=False)  # -> torch.Tensor [len(rows), D] float32
     cancelled: bool = False  # its client went away: rows not embedded yet are skipped
+    order: list[int] = field(default_factory=list)  # its rows shortest first: fewer pad tokens per forward
+    done: int = 0  # rows of `order` embedded so far
+    out: torch.Tensor | None = None  # [len(rows), D] float32, filled as forwards finish
+
+    @property
+    def remaining(self) -> int:
+        return len(self.rows) - self.done
 
 
 class Batcher:
-    """One task owns the model. Each time it wakes it takes every job waiting (up to `max_inputs` rows, but at
-    least one job), sorts their rows by length so short rows are not padded to long ones, and embeds them in
-    forwards of at most `max_batch` rows and `max_tokens` padded tokens, one forward at a time in a thread (the
-    event loop stays free to parse the next requests meanwhile; those make up the next wake's batch)."""
+    """One task owns the model and runs one forward at a time, in a thread (the event loop stays free to parse the
+    next requests meanwhile). Each forward takes rows from every open request in turn — one row each, round after
+    round, shortest rows of each first — up to `max_batch` rows and `max_tokens` padded tokens: a request of 2,048
+    long texts is embedded a forward at a time beside everyone else's, never ahead of them all."""
 
-    def __init__(self, embedder: Embedder, max_batch: int = 32, max_tokens: int = 8192, max_inputs: int = 256):
+    def __init__(self, embedder: Embedder, max_batch: int = 32, max_tokens: int = 8192):
         self.embedder = embedder
         self.max_batch = max_batch
         self.max_tokens = max_tokens
-        self.max_inputs = max_inputs
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self.active = 0  # rows taken by the current wake
+        self.open: list[Job] = []
+        self.active = 0  # rows in the current forward
         self.embedded = 0  # rows embedded so far
         self.skipped = 0  # rows not embedded because their client had gone
 
     def submit(self, rows: list[list[int]]) -> Job:
-        job = Job(rows, asyncio.get_running_loop().create_future())
+        job = Job(rows, asyncio.get_running_loop().create_future(), order=sorted(range(len(rows)),
+                                                                                key=lambda i: len(rows[i])))
+        job.out = torch.empty(len(rows), self.embedder.dimension)
         self.queue.put_nowait(job)
         return job
 
     async def run(self) -> None:
         while True:
-            jobs = [await self.queue.get()]
-            taken = len(jobs[0].rows)
-            while taken < self.max_inputs and not self.queue.empty():
-                jobs.append(self.queue.get_nowait())
-                taken += len(jobs[-1].rows)
-            self.active = taken
+            if not self.open:
+                self.open.append(await self.queue.get())
+            while not self.queue.empty():
+                self.open.append(self.queue.get_nowait())
+            self.open = [job for job in self.open if self._live(job)]
+            picked = self._pick()
+            if not picked:
+                continue
+            self.active = len(picked)
             try:
-                await self._embed(jobs)
-            except Exception as exc:  # the forward failed: every waiting request answers 500, the task lives on
-                for job in jobs:
-                    if not job.future.done() and not job.cancelled:
+                vectors = await asyncio.to_thread(self.embedder.forward, [job.rows[i] for job, i in picked])  # [B, D]
+            except Exception as exc:  # the forward failed: its requests answer 500, the task lives on
+                for job, _ in picked:
+                    if not job.future.done():
                         job.future.set_exception(exc)
+                continue
             finally:
                 self.active = 0
+            for (job, i), vector in zip(picked, vectors, strict=True):
+                job.out[i] = vector  # type: ignore[index]
+            self.embedded += len(picked)
+            for job in self.open:
+                if not job.remaining and not job.future.done():
+                    job.future.set_result(job.out)
 
-    async def _embed(self, jobs: list[Job]) -> None:
-        order = sorted((len(row), j, i) for j, job in enumerate(jobs) for i, row in enumerate(job.rows))
-        out = [torch.empty(len(job.rows), self.embedder.dimension) for job in jobs]  # [N_j, D] float32 per job
-        for chunk in self._chunks(order):
-            live = [(j, i) for _, j, i in chunk if not jobs[j].cancelled and not jobs[j].future.done()]
-            self.skipped += len(chunk) - len(live)
-            if not live:
-                continue
-            vectors = await asyncio.to_thread(self.embedder.forward, [jobs[j].rows[i] for j, i in live])  # [B, D]
-            for (j, i), vector in zip(live, vectors, strict=True):
-                out[j][i] = vector
-            self.embedded += len(live)
-        for job, vectors in zip(jobs, out, strict=True):
-            if not job.future.done() and not job.cancelled:
-                job.future.set_result(vectors)
+    def _live(self, job: Job) -> bool:
+        if job.future.done():
+            return False
+        if job.cancelled:
+            self.skipped += job.remaining
+            return False
+        return True
 
-    def _chunks(self, order: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
-        """Rows in ascending length cut into forwards; a forward pads every row to its last (longest) one."""
-        chunk: list[tuple[int, int, int]] = []
-        for item in order:
-            if chunk and (len(chunk) == self.max_batch or (len(chunk) + 1) * item[0] > self.max_tokens):
-                yield chunk
-                chunk = []
-            chunk.append(item)
-        if chunk:
-            yield chunk
+    def _pick(self) -> list[tuple[Job, int]]:
+        """The next forward's rows: one from each open request in turn, within the row and padded-token budget."""
+        picked: list[tuple[Job, int]] = []
+        longest = 0
+        while len(picked) < self.max_batch and any(job.remaining for job in self.open):
+            for job in self.open:
+                if not job.remaining or len(picked) == self.max_batch:
+                    continue
+                row = job.order[job.done]
+                width = max(longest, len(job.rows[row]))
+                if picked and (len(picked) + 1) * width > self.max_tokens:
+                    return picked
+                picked.append((job, row))
+                job.done += 1
+                longest = width
+        return picked
 
 
 def create_embedding_app(embedder: Embedder, max_batch: int = 32, max_tokens: int = 8192,

@@ -17,13 +17,14 @@ from starlette.responses import Response
 
 from backends.wire.event_stream import EventStreamResponse
 from backends.wire.json_limits import INLINE_PARSE_BYTES
-from backends.wire.requests import ChatRequest, CompletionRequest, EmbeddingRequest, parse_body
+from backends.wire.requests import ChatRequest, CompletionRequest, EmbeddingRequest, check_body, parse_body
 from backends.wire.responses import SSE_DONE, model_card, model_list, sse
-from relay.auth import authenticate, model_allowed
+from relay.auth import authenticate, check_model, model_allowed
 from relay.dialects import messages, responses
 from relay.errors import APIError, not_found
 from relay.json_check import check_response_schema, response_schema
 from relay.pipeline import Pipeline, RelayCall
+from relay.tokens import prompt_tokens
 
 router = APIRouter()
 _STARTED = int(time.time())
@@ -55,20 +56,23 @@ def _principal(request: Request, api_key_header: bool = False):
     authorization = request.headers.get("authorization")
     if api_key_header and not authorization and request.headers.get("x-api-key"):
         authorization = "Bearer " + request.headers["x-api-key"]  # Anthropic's SDKs and Claude Code send x-api-key
-    return authenticate(_pipeline(request).catalog.snapshot, authorization, client_ip)
+    where = "the x-api-key header or as Authorization: Bearer YOUR_KEY" if api_key_header else \
+        "the Authorization header (Authorization: Bearer YOUR_KEY)"
+    return authenticate(_pipeline(request).catalog.snapshot, authorization, client_ip, where)
 
 
 async def _read(request: Request, surface: str, schema: type, principal: Any, started: float,
                 translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> tuple[dict[str, Any], int]:
     """The validated body (translated to chat for another API's shape) and its size; a refusal is logged."""
     raw = await request.body()
+
+    def parse() -> dict[str, Any]:
+        body = parse_body(raw, schema)
+        # A translated body is held to chat's own rules too (roles, ranges, a conversation left empty).
+        return body if translate is None else check_body(translate(body), ChatRequest, "after translation to chat")
+
     try:
-        if len(raw) <= INLINE_PARSE_BYTES:
-            body = parse_body(raw, schema)
-        else:
-            body = await asyncio.to_thread(parse_body, raw, schema)
-        if translate is not None:
-            body = translate(body)
+        body = parse() if len(raw) <= INLINE_PARSE_BYTES else await asyncio.to_thread(parse)
         if response_schema(body) is not None:
             await asyncio.to_thread(check_response_schema, body)
     except APIError as exc:
@@ -78,9 +82,9 @@ async def _read(request: Request, surface: str, schema: type, principal: Any, st
 
 
 def _call(request: Request, endpoint: str, body: dict[str, Any], principal: Any, started: float, size: int,
-          surface: str | None = None) -> RelayCall:
+          surface: str | None = None, present: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> RelayCall:
     return RelayCall(endpoint, body, principal, started, request.headers.get("x-relay-task"),
-                     request.headers.get("cache-control"), size, surface)
+                     request.headers.get("cache-control"), size, surface, present)
 
 
 async def _relay(request: Request, endpoint: str, schema) -> Response:
@@ -129,12 +133,12 @@ async def responses_api(request: Request) -> Response:
         return responses.to_chat(body)
 
     chat, size = await _read(request, "responses", responses.ResponsesRequest, principal, started, translate)
-    result = await _pipeline(request).run(_call(request, "chat", chat, principal, started, size, "responses"))
+    result = await _pipeline(request).run(_call(request, "chat", chat, principal, started, size, "responses",
+                                                lambda answer: responses.from_chat(answer, original)))
     if result.stream is not None:
         return EventStreamResponse(responses.stream(result.stream, original),
                                    headers={**result.headers, "Cache-Control": "no-cache"})
-    return Response(orjson.dumps(responses.from_chat(result.body, original)), media_type="application/json",
-                    headers=result.headers)
+    return Response(orjson.dumps(result.body), media_type="application/json", headers=result.headers)
 
 
 @router.post("/v1/messages", openapi_extra=_openapi_body(messages.MessagesRequest), tags=["anthropic"])
@@ -152,14 +156,32 @@ async def messages_api(request: Request) -> Response:
     try:
         principal = _principal(request, api_key_header=True)
         chat, size = await _read(request, "messages", messages.MessagesRequest, principal, started, translate)
-        result = await _pipeline(request).run(_call(request, "chat", chat, principal, started, size, "messages"))
+        result = await _pipeline(request).run(_call(request, "chat", chat, principal, started, size, "messages",
+                                                    lambda answer: messages.from_chat(answer, original, tool_names)))
     except APIError as exc:
         return messages.error_response(exc)
     if result.stream is not None:
         return EventStreamResponse(messages.stream(result.stream, original, tool_names),
                                    headers={**result.headers, "Cache-Control": "no-cache"})
-    return Response(orjson.dumps(messages.from_chat(result.body, original, tool_names)),
-                    media_type="application/json", headers=result.headers)
+    return Response(orjson.dumps(result.body), media_type="application/json", headers=result.headers)
+
+
+@router.post("/v1/messages/count_tokens", openapi_extra=_openapi_body(messages.CountTokensRequest),
+             tags=["anthropic"])
+async def count_message_tokens(request: Request) -> Response:
+    """The prompt's tokens as the relay counts them for quotas (the model family's tokenizer where installed);
+    nothing is sent upstream or logged, but the key's request rate applies."""
+    try:
+        principal = _principal(request, api_key_header=True)
+        raw = await request.body()
+        body = await asyncio.to_thread(parse_body, raw, messages.CountTokensRequest)
+        check_model(principal, body["model"])
+        await _pipeline(request).accounting.limits.admit(principal)
+        chat, _ = messages.to_chat(body)
+        counted = await prompt_tokens("chat", chat, len(raw))
+    except APIError as exc:
+        return messages.error_response(exc)
+    return Response(orjson.dumps({"input_tokens": counted}), media_type="application/json")
 
 
 @router.get("/v1/models", tags=["openai"])

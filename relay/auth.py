@@ -45,11 +45,11 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
-def authenticate(snapshot: Snapshot, authorization: str | None, client_ip: str | None) -> Principal:
+def authenticate(snapshot: Snapshot, authorization: str | None, client_ip: str | None,
+                 where: str = "the Authorization header (Authorization: Bearer YOUR_KEY)") -> Principal:
     token = bearer_token(authorization)
     if token is None:
-        raise invalid_key("You didn't provide an API key. Provide it in the Authorization header "
-                          "(Authorization: Bearer YOUR_KEY).")
+        raise invalid_key(f"You didn't provide an API key. Provide it in {where}.")
     key = snapshot.keys_by_hash.get(hash_secret(token))
     if key is None:
         raise invalid_key(f"Incorrect API key provided: {token[:6]}****.")

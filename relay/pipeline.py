@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +21,7 @@ from relay.cache import plan as cache_plan
 from relay.catalog import Catalog
 from relay.circuit import CircuitBreaker
 from relay.errors import APIError, not_found
+from relay.failover import client_error, tries
 from relay.lifecycle import Drain, DrainTimeout
 from relay.passthrough import upstream_fields
 from relay.policy import PolicyOutcome, apply_policy, json_retry, rewrites_header, wants_json_retry
@@ -39,6 +40,7 @@ class RelayCall:
     cache_control: str | None = None  # Cache-Control: no-cache skips the lookup, no-store the store
     body_bytes: int = 0
     surface: str | None = None  # the API the client spoke, when it was translated to `endpoint` (responses, messages)
+    present: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # a whole answer, translated for that API
 
 
 @dataclass
@@ -64,6 +66,7 @@ class _Attempt:
     # a cacheable miss: where to store the answer, and the single-flight lock to release afterwards
     store: CachePlan | None = None
     lock: str | None = None
+    finished: bool = False  # its log row is written
 
 
 # Called with a channel whose credentials were refused K times in a row; the app wires in the service write.
@@ -147,10 +150,12 @@ class Pipeline:
         attempt.entry.cache = "hit"
         usage = stored["usage"]
         headers = self._headers(attempt)
-        headers["Server-Timing"] = f"relay;dur={self._finish(attempt, 200, usage=usage):.3f}"
         model, body = attempt.call.body["model"], attempt.call.body
         if not body.get("stream"):
-            return RelayResult(headers=headers, body=replay_response(stored, model, body.get("encoding_format")))
+            answer = self._present(attempt, replay_response(stored, model, body.get("encoding_format")), usage)
+            headers["Server-Timing"] = f"relay;dur={self._finish(attempt, 200, usage=usage):.3f}"
+            return RelayResult(headers=headers, body=answer)
+        headers["Server-Timing"] = f"relay;dur={self._finish(attempt, 200, usage=usage):.3f}"
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         async def replay() -> AsyncIterator[list[dict[str, Any]]]:
@@ -177,6 +182,9 @@ class Pipeline:
 
     def _finish(self, attempt: _Attempt, status: int, *, usage: dict[str, Any] | None = None,
                 error_type: str | None = None) -> float:
+        if attempt.finished:
+            return 0.0
+        attempt.finished = True
         entry = attempt.entry
         entry.policy = attempt.outcome.ref
         entry.rewrites = attempt.outcome.rewrites + attempt.dropped
@@ -229,11 +237,27 @@ class Pipeline:
             response["model"] = attempt.call.body["model"]
             response["usage"] = usage
         await self._store(attempt, stored)
+        response = self._present(attempt, response, usage)
         headers.update(self._headers(attempt))
         total_ms = self._finish(attempt, 200, usage=usage)
         headers["Server-Timing"] = (f"upstream;dur={attempt.upstream_ms:.3f}, "
                                     f"relay;dur={total_ms - attempt.upstream_ms:.3f}")
         return RelayResult(headers=headers, body=response)
+
+    def _present(self, attempt: _Attempt, answer: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+        """The answer in the client's API. One that API cannot express (a tool call whose arguments are no JSON,
+        for Anthropic's `input`) is a 502, logged as one and billed: the upstream did the work."""
+        if attempt.call.present is None:
+            return answer
+        try:
+            return attempt.call.present(answer)
+        except Exception as exc:
+            log.warning("answer of channel %s not translatable for %s: %s", attempt.channel and
+                        attempt.channel.config.name, attempt.call.surface, str(exc).splitlines()[0][:300])
+            self._finish(attempt, 502, usage=usage, error_type="untranslatable_answer")
+            raise APIError(502, f"The upstream's answer cannot be expressed in this API ({type(exc).__name__}); "
+                                "retry, or use /v1/chat/completions.", "upstream_error", None,
+                           "untranslatable_answer") from None
 
     async def _channel_failed(self, channel: Channel, exc: UpstreamError) -> bool:
         """Records the failure of the channel itself; True to try the next channel, False when the request
@@ -261,7 +285,7 @@ class Pipeline:
         """The first channel that answers; retryable failures try a channel again (its `retries`), then move on
         to the next one."""
         failures: list[UpstreamError] = []
-        for channel in _tries(channels, failures):
+        for channel in tries(channels, failures):
             attempt.channel = channel
             request = self._upstream_request(attempt, channel)
             t0 = time.perf_counter()
@@ -277,11 +301,11 @@ class Pipeline:
                     break
             finally:
                 attempt.upstream_ms += (time.perf_counter() - t0) * 1000
-        raise _client_error(failures[-1])
+        raise client_error(failures[-1])
 
     async def _stream(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
         failures: list[UpstreamError] = []
-        for channel in _tries(channels, failures):
+        for channel in tries(channels, failures):
             attempt.channel = channel
             request = self._upstream_request(attempt, channel)
             chunks = (channel.chat_stream_batches if attempt.call.endpoint == "chat"
@@ -299,7 +323,7 @@ class Pipeline:
                 break
             await self.breaker.succeeded(channel)
             return RelayResult(headers=self._headers(attempt), stream=self._relay_stream(attempt, first, chunks))
-        raise _client_error(failures[-1])
+        raise client_error(failures[-1])
 
     async def _relay_stream(self, attempt: _Attempt, first: list[dict[str, Any]] | None,
                             chunks: AsyncIterator[list[dict[str, Any]]]) -> AsyncIterator[list[dict[str, Any]]]:
@@ -334,7 +358,7 @@ class Pipeline:
                 batch = await self.drain.next(chunks)
         except UpstreamError as exc:
             status, error_type = exc.status, exc.kind
-            yield [_client_error(exc).body()]
+            yield [client_error(exc).body()]
         except DrainTimeout:
             status, error_type = 503, "shutting_down"
             yield [APIError(503, "The relay is restarting and ended this stream early; retry the request.",
@@ -342,7 +366,7 @@ class Pipeline:
         except Exception:
             log.exception("stream from channel %s broke", attempt.channel.config.name)
             status, error_type = 502, "stream_error"
-            yield [_client_error(UpstreamError(502, "The upstream stream broke off.", retryable=True)).body()]
+            yield [client_error(UpstreamError(502, "The upstream stream broke off.", retryable=True)).body()]
         except BaseException:
             status, error_type = 499, "client_disconnected"  # cancelled: the client went away
             raise
@@ -357,24 +381,3 @@ class Pipeline:
                     usage = await unreported_usage(attempt.entry, attempt.call.endpoint, attempt.outcome.request,
                                                    attempt.call.body_bytes, sent)
             self._finish(attempt, status, usage=usage, error_type=error_type)
-
-
-def _tries(channels: list[Channel], failures: list[UpstreamError]) -> Iterator[Channel]:
-    """Each channel 1 + its `retries` times in a row, before failing over (the caller appends each failure);
-    refused credentials are not retried: the same key will be refused again."""
-    for channel in channels:
-        for attempt in range(1 + max(channel.config.retries, 0)):
-            if attempt and failures and failures[-1].kind == "upstream_auth":
-                break
-            yield channel
-
-
-def _client_error(exc: UpstreamError) -> APIError:
-    if exc.status == 400:  # the upstream's own error, as it gave it
-        return APIError(400, exc.message, exc.type or "invalid_request_error", exc.param,
-                        exc.code or "upstream_rejected")
-    if exc.status == 403:
-        return APIError(403, exc.message, "invalid_request_error", exc.param, exc.kind)
-    if exc.status == 429:
-        return APIError(429, exc.message, "rate_limit_error", None, exc.kind)
-    return APIError(exc.status, exc.message, "upstream_error", None, exc.kind)

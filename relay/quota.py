@@ -183,6 +183,6 @@ def _refusal(scope: _Scope, current: int, tokens: int) -> APIError:
         message = f"{owner} has used its whole token quota; ask the operator to raise it."
     else:
         message = (f"{owner} has {scope.limit - current} tokens of its quota left, and this request may use up "
-                   f"to {tokens} (its prompt plus max_tokens); lower max_tokens or ask the operator to raise the "
-                   "quota.")
+                   f"to {tokens} (its prompt, plus max_tokens when it generates); lower max_tokens, send less, or "
+                   "ask the operator to raise the quota.")
     return APIError(429, message, "insufficient_quota", None, "insufficient_quota")

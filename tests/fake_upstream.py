@@ -6,7 +6,8 @@ name: `fail-<status>[-credit|-deactivated]` answers that HTTP status (with a pro
 or the error code `account_deactivated`),
 `huge-usage` reports absurd token counts, `slow-<ms>...` waits that long before answering,
 `json-by-temperature` answers broken JSON above temperature 0.5
-(or with none) and valid JSON at or below it, `json-redos` answers {"a": "aaa…a"} (40 a's, the input that makes
+(or with none) and valid JSON at or below it, `broken-tool-call` answers a tool call whose arguments are no JSON,
+`json-redos` answers {"a": "aaa…a"} (40 a's, the input that makes
 `^(a+)+X$` backtrack for ages), `words-<n>` answers n words, `numbered-<n>` n distinct words (w0 w1 …),
 `drip-<n>-<ms>` answers n words and streams them one every <ms> milliseconds, anything else answers
 "Hello from <model>". /v1/embeddings answers unit vectors (8 numbers, or `dimensions`) hashed from each input.
@@ -95,7 +96,11 @@ class FakeUpstream:
                 await _event(send, wire.chunk(head, chat, [], usage))
             await send({"type": "http.response.body", "body": wire.SSE_DONE})
             return
-        if chat:
+        if chat and model == "broken-tool-call":  # what small models emit: arguments that are no JSON
+            call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}
+            choice = {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                      "finish_reason": "tool_calls", "logprobs": None}
+        elif chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
                       "logprobs": None}
         else:

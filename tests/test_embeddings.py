@@ -113,6 +113,9 @@ def test_the_local_embedding_worker_through_the_relay(relay):
     assert via_relay.usage.prompt_tokens == direct.usage.prompt_tokens > 0
     short = client.embeddings.create(model="all-minilm-l6-v2", input="short", dimensions=32)
     assert len(short.data[0].embedding) == 32
+    local = next(c for c in relay.ok("GET", "/admin/channels") if c["name"] == "local")
+    tested = relay.ok("POST", f"/admin/channels/{local['id']}/test")  # chat refused: tried as an embedding model
+    assert tested["last_test_ok"] is True and tested["last_test_error"] is None
 
 
 def test_bad_embedding_requests_are_clear_4xx(relay, calls):

@@ -31,7 +31,7 @@ def fuzzed(tmp_path_factory, upstream):
 
 def _check(response, where: str) -> None:
     assert response.status_code < 500, f"{where}: {response.status_code} {response.text[:500]}"
-    if response.status_code >= 400 and " /v1/messages " in where:  # Anthropic's shape there
+    if response.status_code >= 400 and " /v1/messages" in where:  # Anthropic's shape there (and count_tokens)
         body = json.loads(response.content)
         assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, f"{where}: {response.text[:300]}"
         assert isinstance(body["error"]["message"], str) and body["error"]["message"]

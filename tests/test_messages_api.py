@@ -33,7 +33,8 @@ def relay(tmp_path_factory, upstream):
     with postgres_database() as url, ServerThread(create_worker_app(load("tiny-qwen2"))) as worker, \
             run_relay(url, tmp, env={"RELAY_REDIS_URL": REDIS_DB_URL}) as relay:
         add_fake_channel(relay, f"http://127.0.0.1:{free_port()}", "dead", ["qwen-chat"], priority=10, timeout_s=3)
-        add_fake_channel(relay, upstream[1], "fake", ["qwen-chat"])
+        add_fake_channel(relay, upstream[1], "fake", ["qwen-chat", "qwen-broken"],
+                         model_mapping={"qwen-broken": "broken-tool-call"})
         relay.ok("POST", "/admin/channels", {"name": "local", "type": "local", "base_url": worker.url,
                                              "models": ["tiny-qwen2"]})
         relay.ok("POST", "/admin/policies", {"model_pattern": "qwen-chat", "preset": "qwen1.5"})
@@ -133,6 +134,38 @@ def test_errors_are_anthropic_shaped(relay, calls):
     bearer = httpx.post(relay.url + "/v1/messages", headers=headers, timeout=30,
                         json={"model": "qwen-chat", "max_tokens": 8, "messages": ASK})
     assert bearer.status_code == 200 and bearer.json()["content"][0]["type"] == "text"
+
+
+def test_an_answer_anthropic_cannot_express_is_a_502_logged_as_one(relay):
+    key = relay.new_key()
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        _client(relay, key["key"]).messages.create(model="qwen-broken", max_tokens=8, messages=ASK, tools=TOOLS)
+    assert failed.value.status_code == 502 and failed.value.body["error"]["type"] == "api_error"
+    row = relay.logs(key["tenant_id"])[0]
+    assert (row["status_code"], row["error_type"]) == (502, "untranslatable_answer")
+    assert row["completion_tokens"] > 0  # the upstream did the work: it is billed
+
+
+def test_bodies_empty_after_translation_are_400s(relay, calls):
+    headers = {"x-api-key": relay.new_key()["key"]}
+    for content in ("", [], [{"type": "mystery"}]):
+        answer = httpx.post(relay.url + "/v1/messages", headers=headers, timeout=30, json={
+            "model": "qwen-chat", "max_tokens": 8, "messages": [{"role": "user", "content": content}]})
+        assert answer.status_code == 400 and answer.json()["type"] == "error", (content, answer.text)
+    assert not calls
+
+
+def test_count_tokens(relay, calls):
+    key = relay.new_key(models=["qwen-chat"])
+    client = _client(relay, key["key"])
+    short = client.messages.count_tokens(model="qwen-chat", messages=ASK)
+    longer = client.messages.count_tokens(model="qwen-chat", messages=ASK, system="You are a careful agent. " * 20)
+    assert 0 < short.input_tokens < longer.input_tokens
+    with pytest.raises(anthropic.PermissionDeniedError):
+        client.messages.count_tokens(model="tiny-qwen2", messages=ASK)
+    missing = httpx.post(relay.url + "/v1/messages/count_tokens", json={"model": "qwen-chat", "messages": ASK})
+    assert missing.status_code == 401 and "x-api-key" in missing.json()["error"]["message"]
+    assert not calls and not relay.logs(key["tenant_id"], want=1, timeout=0.5)  # free: nothing sent or logged
 
 
 def test_explain_reads_anthropic_and_responses_bodies(relay):

@@ -74,6 +74,11 @@ def test_stream_has_typed_numbered_events(relay):
     assert "response.output_text.delta" in types and "response.output_text.done" in types
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert final.output_text == "Hello from qwen-chat" and final.usage.output_tokens == 3
+    raw = httpx.post(relay.url + "/v1/responses", headers={"Authorization": f"Bearer {relay.new_key()['key']}"},
+                     json={"model": "qwen-chat", "input": "raw", "stream": True}, timeout=30)
+    blocks = [b.split("\n") for b in raw.text.strip().split("\n\n")]
+    named = [(b[0].removeprefix("event: "), json.loads(b[1].removeprefix("data: "))["type"]) for b in blocks]
+    assert named and all(event == kind and kind.startswith("response.") for event, kind in named), named
 
 
 def test_function_tools_and_json_schema_formats_from_the_worker(relay):
@@ -112,6 +117,9 @@ def test_stateless_refusals_and_errors(relay, calls):
     assert stateful.value.body["param"] == "previous_response_id" and "input" in stateful.value.body["message"]
     for body, param in (({"input": ""}, "input"), ({"input": "x", "temperature": 3}, "temperature"),
                         ({"input": "x", "background": True}, "background"), ({}, "input"),
+                        ({"input": "x", "conversation": "conv_1"}, "conversation"),
+                        ({"input": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+                        ({"input": "x", "seed": "abc"}, "seed"), ({"input": "x", "stop": ["a"] * 10}, "stop"),
                         ({"input": [{"type": "function_call_output"}]}, "input")):
         answer = httpx.post(relay.url + "/v1/responses", headers={"Authorization": f"Bearer {key['key']}"},
                             json={"model": "qwen-chat", **body}, timeout=30)

@@ -130,12 +130,24 @@ def test_a_request_whose_client_left_is_not_embedded(server, embedder):
     skipped, embedded = batcher.skipped, batcher.embedded
     big = threading.Thread(target=post, args=(server.url, "/v1/embeddings", {"model": MODEL, "input": [LONG] * 40}))
     big.start()
-    wait_until(lambda: batcher.active == 40, what="the large request to hold the model")
+    wait_until(lambda: batcher.active > 0, what="the large request to hold the model")
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": ["left", "early"]}, timeout=0.3)
     big.join()
     wait_until(lambda: batcher.queue.empty() and batcher.skipped > skipped, what="the abandoned rows to be skipped")
     assert batcher.skipped - skipped == 2 and batcher.embedded - embedded == 40
+
+
+def test_a_large_request_does_not_hold_back_a_small_one(server):
+    """Forwards take rows from every open request in turn: a small request that arrives while a large one runs is
+    answered in the next forward, long before the large one ends."""
+    batcher = server.app.state.batcher
+    big = threading.Thread(target=post, args=(server.url, "/v1/embeddings", {"model": MODEL, "input": [LONG] * 160}))
+    big.start()
+    wait_until(lambda: batcher.active > 0, what="the large request to start")
+    small = post(server.url, "/v1/embeddings", {"model": MODEL, "input": ["small", "and quick"]})
+    assert small.status_code == 200 and big.is_alive()  # answered while the large one still runs
+    big.join()
 
 
 def test_token_ids_embed_as_their_text(client, reference):

@@ -112,8 +112,9 @@ class CompletionRequest(_Common):
 
 RequestSchema = _Base  # what other API shapes' schemas build on (the gateway's Responses and Messages APIs)
 
-# OpenAI's own bounds on /v1/embeddings: 2,048 inputs, none empty.
+# OpenAI's own bounds on /v1/embeddings: 2,048 inputs, none empty, 300,000 tokens in all.
 MAX_EMBEDDING_INPUTS = 2048
+MAX_EMBEDDING_TOKEN_IDS = 300_000
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=65536)]
 
 
@@ -125,6 +126,37 @@ class EmbeddingRequest(_Base):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: Annotated[int, Field(ge=1, le=65536)] | None = None
     user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _shape(cls, v: Any) -> Any:
+        # Said before the union's members are tried: their first complaint ("should be a valid string") misleads.
+        if not isinstance(v, list):
+            return v
+        if not v:
+            raise ValueError("must not be empty")
+        kinds = {type(x) for x in v}  # one pass over the items, never over every token id (C-speed min/max below)
+        if kinds <= {int}:
+            lists = [v]
+        elif kinds == {str} or kinds == {list}:
+            if len(v) > MAX_EMBEDDING_INPUTS:
+                raise ValueError(f"at most {MAX_EMBEDDING_INPUTS:,} inputs per request")
+            lists = v if kinds == {list} else []
+            empty = next((i for i, x in enumerate(v) if not x), None)
+            if empty is not None:
+                raise ValueError(f"input {empty} is empty")
+        else:
+            raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+        if sum(map(len, lists)) > MAX_EMBEDDING_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_EMBEDDING_TOKEN_IDS:,} token ids per request")
+        for ids in lists:
+            try:
+                ok = min(ids) >= 0 and max(ids) < 2**31
+            except TypeError:  # a string among the ids
+                ok = False
+            if not ok:
+                raise ValueError("token ids must be integers from 0 to 2^31 - 1")
+        return v
 
     @classmethod
     def check(cls, body: dict[str, Any]) -> None:
@@ -151,16 +183,29 @@ def parse_body(raw: bytes, schema: type[_Base]) -> dict[str, Any]:
     for name in sorted(schema.refused & body.keys()):
         raise bad_request(f"Unrecognized request argument supplied: {name} (it belongs to /v1/chat/completions).",
                           name, "unsupported_parameter")
-    try:
-        schema.model_validate(body)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-    schema.check(body)
+    check_body(body, schema)
     if "stream_options" in body and not body.get("stream"):
         # OpenAI refuses stream_options without stream; drop it instead, since gateways in front of us
         # (new-api forces include_usage) may add it to every request.
         del body["stream_options"]
     return body
+
+
+def check_body(body: dict[str, Any], schema: type[_Base], context: str | None = None) -> dict[str, Any]:
+    """The body held to the schema's rules; a 400 naming the first field at fault (`context` says in which form
+    the client's body was checked, when it is not the one it sent)."""
+    try:
+        schema.model_validate(body)
+        schema.check(body)
+    except ValidationError as exc:
+        error = _validation_error(exc)
+    except APIError as exc:
+        error = exc
+    else:
+        return body
+    if context:
+        error.message = f"{error.message.rstrip('.')} ({context})."
+    raise error
 
 
 def _validation_error(exc: ValidationError) -> APIError:
@@ -173,5 +218,6 @@ def _validation_error(exc: ValidationError) -> APIError:
         return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
     value = first.get("input")
     shown = orjson.dumps(value).decode()[:80] if not isinstance(value, dict | list) else type(value).__name__
-    return bad_request(f"Invalid value for '{param}': {first.get('msg', 'invalid')} (got {shown}).", param,
+    reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return bad_request(f"Invalid value for '{param}': {reason} (got {shown}).", param,
                        "invalid_value")

@@ -45,10 +45,12 @@ class ChatChunks:
 
 
 def named_event(payload: dict[str, Any]) -> bytes:
-    return b"event: " + str(payload.get("type", "message")).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+    kind = payload.get("type", "message")
+    kind = getattr(kind, "value", kind)  # litellm's event types are str enums: their value, never their repr
+    return b"event: " + str(kind).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 def dump(value: Any) -> dict[str, Any]:
     """A litellm/pydantic answer object as plain JSON data, without litellm's own bookkeeping or nulls."""
-    data = value.model_dump(exclude_none=True) if hasattr(value, "model_dump") else dict(value)
+    data = value.model_dump(mode="json", exclude_none=True) if hasattr(value, "model_dump") else dict(value)
     return {k: v for k, v in data.items() if not k.startswith("_") and k not in ("provider_specific_fields",)}

@@ -37,6 +37,12 @@ _BLOCK_FIELDS = {"text": ("text",), "image": ("source",), "document": ("source",
                  "tool_result": ("tool_use_id",), "thinking": ("thinking",)}
 
 
+class ToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["auto", "any", "tool", "none"]
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
 class MessagesRequest(RequestSchema):
     max_tokens: Annotated[int, Field(ge=1)]  # required, as at Anthropic
     messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
@@ -47,7 +53,7 @@ class MessagesRequest(RequestSchema):
     stop_sequences: Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=16)] | None = None
     stream: bool | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
-    tool_choice: dict[str, Any] | None = None
+    tool_choice: ToolChoice | None = None
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
 
@@ -63,6 +69,12 @@ class MessagesRequest(RequestSchema):
                     if name not in block:
                         raise bad_request(f"{where}.{block['type']}.{name}: Field required", f"{where}.{name}",
                                           "invalid_value")
+
+
+class CountTokensRequest(MessagesRequest):
+    """/v1/messages/count_tokens: a Messages body without max_tokens (Claude Code sizes its context with it)."""
+
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # type: ignore[assignment]
 
 
 def to_chat(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

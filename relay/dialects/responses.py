@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from litellm.responses.litellm_completion_transformation.streaming_iterator import (
     LiteLLMCompletionStreamingIterator,
@@ -45,7 +45,7 @@ class ResponsesRequest(RequestSchema):
     text: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
-    background: Literal[False] | None = None  # nothing runs after the answer is sent
+    background: bool | None = None
 
     @classmethod
     def check(cls, body: dict[str, Any]) -> None:
@@ -53,6 +53,9 @@ class ResponsesRequest(RequestSchema):
             if body.get(name) is not None:
                 raise bad_request(f"`{name}` is not supported: this relay stores no responses. Send the whole "
                                   "conversation in `input` (and `store: false`).", name, "unsupported_parameter")
+        if body.get("background"):
+            raise bad_request("`background: true` is not supported: this relay answers while the request is open and "
+                              "stores nothing to poll later.", "background", "unsupported_parameter")
         items = body["input"] if isinstance(body["input"], list) else []
         for i, item in enumerate(items):
             kind = item.get("type", "message")
