@@ -48,6 +48,10 @@ class KVCache:
     def advance(self, columns: int) -> None:
         self.length += columns
 
+    def head(self, columns: int) -> KVCache:
+        """The first `columns` columns (of a one-row prefix: the KV of a shorter prefix), copied."""
+        return KVCache([(k[:, :, :columns], v[:, :, :columns]) for k, v in self.layers()])
+
     def expand(self, rows: int) -> KVCache:
         """One row's cache (a shared prompt prefix) repeated for `rows` rows."""
         return KVCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.layers()])
