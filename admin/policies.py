@@ -13,7 +13,7 @@ from admin import service
 from admin.crud import get_or_404
 from admin.deps import JSONLimitedRoute, RowId, announce, db_session, require_admin
 from admin.schemas import INT32_MAX, PolicyCreate, PolicyUpdate
-from backends.wire.requests import ChatRequest, CompletionRequest, EmbeddingRequest, parse_body
+from backends.wire.requests import ChatRequest, CompletionRequest, EmbeddingRequest, check_body, parse_body
 from relay.dialects import messages, responses
 from relay.errors import APIError, bad_request
 from relay.models import ModelPolicy
@@ -62,9 +62,9 @@ def normalised(endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
     """The body validated as its endpoint does, and as the policies see it (another API's shape translated)."""
     body = parse_body(orjson.dumps(request), _SCHEMAS[endpoint])
     if endpoint == "responses":
-        return responses.to_chat(body)
+        return check_body(responses.to_chat(body), ChatRequest, "after translation to chat")
     if endpoint == "messages":
-        return messages.to_chat(body)[0]
+        return check_body(messages.to_chat(body)[0], ChatRequest, "after translation to chat")
     return body
 
 

@@ -183,8 +183,10 @@ class LiteLLMChannel(Channel):
         body["model"] = (self.text_model if text else self.litellm_model)(request["model"])
         # _skip_mcp_handler: without it litellm 1.106 routes every request that has `tools` through its
         # MCP gateway, which imports the proxy-only `mcp` package and fails.
-        return {**body, **self.connection_kwargs(), "timeout": self.config.timeout_s, "num_retries": 0,
-                "_skip_mcp_handler": True}
+        kwargs = {**body, **self.connection_kwargs(), "timeout": self.config.timeout_s, "num_retries": 0}
+        if endpoint != "embeddings":  # aembedding would send it to the provider as a body field
+            kwargs["_skip_mcp_handler"] = True
+        return kwargs
 
     async def _call(self, function: Any, request: dict[str, Any], *, text: bool, endpoint: str = "chat"
                     ) -> dict[str, Any]:

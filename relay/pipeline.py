@@ -236,8 +236,8 @@ class Pipeline:
         else:
             response["model"] = attempt.call.body["model"]
             response["usage"] = usage
+        response = self._present(attempt, response, usage)  # first: an answer it refuses is not cached either
         await self._store(attempt, stored)
-        response = self._present(attempt, response, usage)
         headers.update(self._headers(attempt))
         total_ms = self._finish(attempt, 200, usage=usage)
         headers["Server-Timing"] = (f"upstream;dur={attempt.upstream_ms:.3f}, "

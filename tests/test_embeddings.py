@@ -99,6 +99,7 @@ def test_litellm_channels_embed_through_litellm(relay, calls):
     client = relay.client(relay.new_key()["key"])
     answer = client.embeddings.create(model="lt-embed", input=["one", "two"], encoding_format="float")
     assert calls[-1]["body"]["model"] == "lt-upstream-embed"
+    assert set(calls[-1]["body"]) <= {"model", "input", "encoding_format", "dimensions"}  # nothing of litellm's
     assert [len(d.embedding) for d in answer.data] == [8, 8] and _close(answer.data[1].embedding, fake_vector("two"))
 
 

@@ -136,14 +136,17 @@ def test_errors_are_anthropic_shaped(relay, calls):
     assert bearer.status_code == 200 and bearer.json()["content"][0]["type"] == "text"
 
 
-def test_an_answer_anthropic_cannot_express_is_a_502_logged_as_one(relay):
+def test_an_answer_anthropic_cannot_express_is_a_502_logged_as_one(relay, calls):
     key = relay.new_key()
-    with pytest.raises(anthropic.APIStatusError) as failed:
-        _client(relay, key["key"]).messages.create(model="qwen-broken", max_tokens=8, messages=ASK, tools=TOOLS)
-    assert failed.value.status_code == 502 and failed.value.body["error"]["type"] == "api_error"
-    row = relay.logs(key["tenant_id"])[0]
-    assert (row["status_code"], row["error_type"]) == (502, "untranslatable_answer")
-    assert row["completion_tokens"] > 0  # the upstream did the work: it is billed
+    for _ in range(2):  # greedy, so cacheable: a refused answer must not be kept and replayed
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            _client(relay, key["key"]).messages.create(model="qwen-broken", max_tokens=8, messages=ASK, tools=TOOLS,
+                                                       extra_body=GREEDY)
+        assert failed.value.status_code == 502 and failed.value.body["error"]["type"] == "api_error"
+    assert len(calls) == 2
+    rows = relay.logs(key["tenant_id"], want=2)
+    assert {(r["status_code"], r["error_type"], r["cache"]) for r in rows} == {(502, "untranslatable_answer", "miss")}
+    assert all(r["completion_tokens"] > 0 for r in rows)  # the upstream did the work: it is billed
 
 
 def test_bodies_empty_after_translation_are_400s(relay, calls):

@@ -115,7 +115,8 @@ RequestSchema = _Base  # what other API shapes' schemas build on (the gateway's 
 # OpenAI's own bounds on /v1/embeddings: 2,048 inputs, none empty, 300,000 tokens in all.
 MAX_EMBEDDING_INPUTS = 2048
 MAX_EMBEDDING_TOKEN_IDS = 300_000
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=65536)]
+MAX_INPUT_TOKEN_IDS = 65_536
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=MAX_INPUT_TOKEN_IDS)]
 
 
 class EmbeddingRequest(_Base):
@@ -147,6 +148,8 @@ class EmbeddingRequest(_Base):
                 raise ValueError(f"input {empty} is empty")
         else:
             raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+        if lists and max(map(len, lists)) > MAX_INPUT_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_INPUT_TOKEN_IDS:,} token ids per input")
         if sum(map(len, lists)) > MAX_EMBEDDING_TOKEN_IDS:
             raise ValueError(f"at most {MAX_EMBEDDING_TOKEN_IDS:,} token ids per request")
         for ids in lists:

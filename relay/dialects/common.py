@@ -3,6 +3,7 @@ named events (`event: <type>` then `data: <json>`), as OpenAI's Responses and An
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,6 +43,13 @@ class ChatChunks:
         if "error" in chunk and "choices" not in chunk:
             raise StreamFailed(chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk)})
         return ModelResponseStream(**chunk)
+
+
+async def broke(batches: Any, exc: Exception) -> None:
+    """A translator failed mid-stream: the pipeline hears of it as a broken stream (logged as a 502, billed for
+    what was sent) rather than as a client that left."""
+    with contextlib.suppress(Exception, StopAsyncIteration):
+        await batches.athrow(exc)
 
 
 def named_event(payload: dict[str, Any]) -> bytes:

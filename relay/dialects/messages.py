@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from backends.wire.errors import APIError, bad_request
 from backends.wire.requests import STRICT, RequestSchema
-from relay.dialects.common import ChatChunks, StreamFailed, named_event
+from relay.dialects.common import ChatChunks, StreamFailed, broke, named_event
 
 _adapter = LiteLLMAnthropicMessagesAdapter()
 
@@ -109,6 +109,9 @@ async def stream(batches: AsyncIterator[list[dict[str, Any]]], body: dict[str, A
     except StreamFailed as failed:
         status = {"server_error": 500, "rate_limit_error": 429}.get(failed.error.get("type") or "", 502)
         yield named_event(_error_body(status, str(failed.error.get("message") or "The upstream failed.")))
+    except Exception as exc:  # the translation itself failed
+        await broke(batches, exc)
+        yield named_event(_error_body(502, "The upstream's answer cannot be expressed in this API; retry."))
     finally:
         await batches.aclose()
 

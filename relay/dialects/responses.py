@@ -19,7 +19,7 @@ from pydantic import Field
 
 from backends.wire.errors import bad_request
 from backends.wire.requests import RequestSchema, Temperature
-from relay.dialects.common import ChatChunks, StreamFailed, dump, named_event
+from relay.dialects.common import ChatChunks, StreamFailed, broke, dump, named_event
 
 # litellm's own arguments in the chat request it builds: not for an upstream.
 _LITELLM_ONLY = ("custom_llm_provider", "extra_headers", "reasoning_summary", "context_management")
@@ -112,5 +112,9 @@ async def stream(batches: AsyncIterator[list[dict[str, Any]]], body: dict[str, A
         error = failed.error
         yield named_event({"type": "error", "code": error.get("code") or error.get("type"),
                            "message": error.get("message"), "param": error.get("param"), "sequence_number": sequence})
+    except Exception as exc:  # the translation itself failed
+        await broke(batches, exc)
+        yield named_event({"type": "error", "code": "untranslatable_answer", "param": None, "sequence_number": sequence,
+                           "message": "The upstream's answer cannot be expressed in this API; retry."})
     finally:
         await batches.aclose()
