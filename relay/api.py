@@ -56,9 +56,11 @@ def _principal(request: Request, api_key_header: bool = False):
     authorization = request.headers.get("authorization")
     if api_key_header and not authorization and request.headers.get("x-api-key"):
         authorization = "Bearer " + request.headers["x-api-key"]  # Anthropic's SDKs and Claude Code send x-api-key
-    where = "the x-api-key header or as Authorization: Bearer YOUR_KEY" if api_key_header else \
-        "the Authorization header (Authorization: Bearer YOUR_KEY)"
-    return authenticate(_pipeline(request).catalog.snapshot, authorization, client_ip, where)
+    snapshot = _pipeline(request).catalog.snapshot
+    if api_key_header:
+        return authenticate(snapshot, authorization, client_ip, "the x-api-key header or as Authorization: Bearer "
+                                                                "YOUR_KEY")
+    return authenticate(snapshot, authorization, client_ip)
 
 
 async def _read(request: Request, surface: str, schema: type, principal: Any, started: float,

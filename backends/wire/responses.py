@@ -4,6 +4,7 @@ SSE framing of a stream (`data: {json}` events ending with `data: [DONE]`)."""
 from __future__ import annotations
 
 import base64
+import sys
 import time
 import uuid
 from array import array
@@ -46,13 +47,16 @@ def embedding_list(model: str, vectors: list[list[float]], prompt_tokens: int, e
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
+# OpenAI's base64 is little-endian float32: what array("f") packs on this machine, checked once, not per vector.
+_FLOAT32_LE = array("f").itemsize == 4 and sys.byteorder == "little"
+
+
 def encode_vector(vector: list[float], encoding: str | None) -> list[float] | str:
     if encoding != "base64":
         return vector
-    packed = array("f", vector)
-    if packed.itemsize != 4 or array("H", [1]).tobytes() != b"\x01\x00":
+    if not _FLOAT32_LE:
         raise RuntimeError("float32 little-endian packing is not available here")
-    return base64.b64encode(packed.tobytes()).decode()
+    return base64.b64encode(array("f", vector).tobytes()).decode()
 
 
 def decode_vector(value: list[float] | str) -> list[float]:
