@@ -30,10 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from backends.allocator import keep_freed_memory
     from backends.embedder import is_embedding_model
     from backends.parent import exit_with_parent
 
     exit_with_parent()
+    keep_freed_memory()
     # The engine thread (or the embedder's forward thread) gives up the GIL in every torch op and must win it back
     # each time; while the event loop runs Python (a burst of requests to parse and render) each win can wait the
     # whole switch interval (5 ms by default), which slowed a prefill several-fold in our measurements. 1 ms keeps

@@ -1,14 +1,16 @@
 """Output tokens/s of the local worker (continuous batching) against sequential `model.generate`, in one run.
 
-1. Baseline: greedy `model.generate` in this process (same dtype as the worker) over --baseline-prompts prompts,
-   one after another; the model is freed before the worker starts, so the two never compute at once.
+1. Baseline: greedy `model.generate` in this process (same dtype and allocator settings as the worker) over
+   --baseline-prompts prompts, one after another; the model is freed before the worker starts, so the two never
+   compute at once.
 2. The worker at 1, 4, 16 and 32 concurrent streams (one streamed chat request each, temperature 0, a different
-   prompt each): completion tokens/s (usage chunks ÷ wall time) and p50/p99 time to the first content.
+   prompt each), every level run --repeats times and pooled, over connections opened beforehand: completion
+   tokens/s (usage chunks ÷ wall time) and p50/p99 time to the first content.
 3. Constrained decoding at 16 streams: the same requests with a JSON schema as response_format, alternated with
    free runs (JSON, free, JSON, free) in which each stream's max_tokens is the length of its JSON answer, so both
    kinds decode the same number of tokens per stream; tokens/s of the JSON runs against the free runs, and every
    JSON answer parsed.
-Run: python bench/worker_bench.py [--baseline-prompts 4] [--worker-url URL] [--dtype bfloat16]
+Run: python bench/worker_bench.py [--baseline-prompts 4] [--repeats 2] [--worker-url URL] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ def messages(i: int) -> list[dict[str, str]]:
 
 
 def baseline(model_spec: str, dtype: str, k: int, max_tokens: int, cpu: CpuWatch) -> tuple[float, list[str]]:
+    from backends.allocator import keep_freed_memory
     from backends.loading import load
 
+    keep_freed_memory()  # as the worker does (backends.allocator)
     lm = load(model_spec, device="cpu", dtype=dtype)
     eos = sorted(lm.eos_token_ids)
     prompts = [torch.tensor([lm.tokenizer.apply_chat_template(messages(i), add_generation_prompt=True, tokenize=True,
@@ -139,8 +143,19 @@ class Run:
     json_schema: bool
     tokens: int
     wall: float
-    ttft_p50: float
-    ttft_p99: float
+    ttfts: list[float]
+
+    @property
+    def ttft_p50(self) -> float:
+        return pct(self.ttfts, 50)
+
+    @property
+    def ttft_p99(self) -> float:
+        return pct(self.ttfts, 99)
+
+    def __add__(self, other: Run) -> Run:  # two runs of the same kind as one
+        return Run(self.streams, self.json_schema, self.tokens + other.tokens, self.wall + other.wall,
+                   self.ttfts + other.ttfts)
 
 
 async def run_once(client: httpx.AsyncClient, model: str, c: int, max_tokens: list[int], json_schema: bool,
@@ -161,7 +176,7 @@ async def run_once(client: httpx.AsyncClient, model: str, c: int, max_tokens: li
     print(f"{'json' if json_schema else 'free'} c={c}: {tokens} tokens in {wall:.2f} s; "
           f"TTFT {ttfts[0]:.2f}..{ttfts[-1]:.2f} s; finish {finish}; empty {sum(not s.text for s in streams)}; "
           f"distinct {len({s.text for s in streams})}/{c}; {check}; {cpu.others()}")
-    return Run(c, json_schema, tokens, wall, pct(ttfts, 50), pct(ttfts, 99)), [s.tokens for s in streams]
+    return Run(c, json_schema, tokens, wall, ttfts), [s.tokens for s in streams]
 
 
 def _is_story(text: str) -> bool:
@@ -173,14 +188,20 @@ def _is_story(text: str) -> bool:
                                                                                  for v in value.values())
 
 
-async def measure(url: str, model: str, max_tokens: int, reference: list[str], cpu: CpuWatch) -> list[Run]:
+async def measure(url: str, model: str, max_tokens: int, reference: list[str], cpu: CpuWatch,
+                  repeats: int) -> list[Run]:
     runs = []
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         for json_schema in (False, True):  # warm-up (and the grammar's compilation, cached afterwards)
             await one_stream(client, model, 0, 4, json_schema)
-        for c in CONCURRENCY:
-            runs.append((await run_once(client, model, c, [max_tokens] * c, False, reference, cpu))[0])
+        # Open every connection the runs use before timing them, as a gateway's pool holds its connections:
+        # otherwise a run's first requests wait on TCP handshakes that the engine's first prefill slows down.
+        await asyncio.gather(*(one_stream(client, model, i, 1, False) for i in range(max(CONCURRENCY))))
+        for c in CONCURRENCY:  # each level `repeats` times, pooled: one hiccup of this shared host weighs less
+            pooled = [(await run_once(client, model, c, [max_tokens] * c, False, reference, cpu))[0]
+                      for _ in range(repeats)]
+            runs.append(sum(pooled[1:], pooled[0]))
         lengths = [max_tokens] * 16
         for json_schema in (True, False, True, False):
             budget = [max_tokens] * 16 if json_schema else lengths
@@ -210,6 +231,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--baseline-prompts", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per concurrency level, pooled")
     ap.add_argument("--port", type=int, default=0, help="worker port (default: a free one)")
     ap.add_argument("--worker-url", help="use this running worker instead of starting one")
     ap.add_argument("--dtype", default="auto", help="the worker's --dtype, also used for the baseline")
@@ -237,7 +259,7 @@ def main() -> int:
         served = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         if served != args.model:
             print(f"WARNING: the worker serves {served!r}, the baseline ran {args.model!r}")
-        runs = asyncio.run(measure(url, served, args.max_tokens, reference, cpu))
+        runs = asyncio.run(measure(url, served, args.max_tokens, reference, cpu, max(1, args.repeats)))
     finally:
         if proc is not None:
             stop(proc, timeout=20)

@@ -126,3 +126,16 @@ def test_other_architectures_run_through_transformers():
     assert isinstance(cache, KVCache) and cache.length == ids.shape[1]
     for i, p in enumerate(PROMPTS):
         torch.testing.assert_close(logits[i, -len(p):], _reference(model, p), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
+def test_cpu_weights_are_prepacked_and_the_allocator_keeps_freed_memory():
+    """The two CPU speed-ups bench/worker_bench.py measures are in force (the tests above check the packed
+    projections' numbers): without them the worker falls back silently to the slower path."""
+    from backends.allocator import keep_freed_memory
+
+    forward = forward_for(_model("qwen2"))
+    projections = [forward.lm_head] + [p for layer in forward.layers for p in (layer.qkv, layer.out, layer.gate_up,
+                                                                               layer.down)]
+    assert all(p.packed is not None for p in projections)
+    assert keep_freed_memory()  # glibc here
