@@ -1,9 +1,9 @@
 """The model's forward pass for the engine. For the Llama / Qwen2 / Qwen3 family it is written out here over
 the transformers model's own weights (nanoGPT-style): q/k/v and gate/up are fused into one matmul each,
 keys and values go straight into the preallocated KVCache, attention is one SDPA call with grouped heads, and
-on a CPU every projection's weight is prepacked for oneDNN (Projection). A padded prefill runs its projections on
-real tokens only. That removes most of the per-layer overhead of the generic implementation, which on a CPU costs as much as
-the arithmetic at small batch sizes. Any other architecture runs through transformers itself.
+on a CPU every projection's weight is prepacked for oneDNN (Projection). A padded prefill runs its projections
+on real tokens only. That removes most of the per-layer overhead of the generic implementation, which on a CPU
+costs as much as the arithmetic at small batch sizes. Any other architecture runs through transformers itself.
 
 Shapes: B rows, S new tokens per row, T cached columns, E hidden, H / Hkv query / key-value heads, D head
 dim, F MLP width, V vocabulary."""
