@@ -6,23 +6,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from relay.settings import SecretKeyError, Settings
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from relay.metrics import prepare_multiprocess, remove_multiprocess_dir
+
+    made = prepare_multiprocess(args.workers)  # before any gateway process imports prometheus-client's values
+    try:
+        return _run_gateway(args, settings)
+    finally:
+        remove_multiprocess_dir(made)
+
+
+def _run_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
     import uvicorn
 
     from admin import bootstrap
     from relay import db
+    from relay.health import WORKER_ENV
+    from relay.request_context import log_config
 
     db.upgrade(settings.database_url)  # idempotent: a fresh machine gets its schema here
     bootstrap.check_secret_key(settings)  # a wrong key stops here, with its message, not in every worker
     if args.with_worker:
         _, url, model = bootstrap.start_worker(args.with_worker, args.worker_port)
         bootstrap.register_local_channel(settings.database_url, url, model)
+        os.environ[WORKER_ENV] = url  # /health/ready also waits for this worker
     elif args.worker_url:
         bootstrap.register_local_channel(settings.database_url, args.worker_url,
                                          bootstrap.wait_for_worker(args.worker_url, 600))
@@ -32,6 +46,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
               flush=True)
     uvicorn.run("admin.app:create_app", factory=True, host=args.host or settings.host,
                 port=args.port or settings.port, workers=args.workers, log_level=args.log_level,
+                log_config=log_config(os.environ.get("RELAY_LOG_FORMAT", "text"), args.log_level),
                 access_log=args.access_log, loop="auto", http="auto",
                 proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
                 timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)))
@@ -218,8 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", "info").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import logging.config
+    import os
+
+    from relay.request_context import log_config
+
+    log_format = os.environ.get("RELAY_LOG_FORMAT", "text")
+    logging.config.dictConfig(log_config(log_format, getattr(args, "log_level", "info")))
     try:
         return args.func(args, Settings.from_env())
     except SecretKeyError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -24,10 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="new prompt tokens prefilled per step; the rest wait a step, so a burst of arrivals "
                              "starts in groups and running streams keep moving (default: 96 on CPU, 2048 on CUDA)")
     parser.add_argument("--max-body-mb", type=float, default=16, help="larger request bodies are refused (413)")
+    parser.add_argument("--metrics-token", default=None,
+                        help="GET /metrics then needs `Authorization: Bearer <token>` (default: $WORKER_METRICS_TOKEN; "
+                             "unset: /metrics is open). The environment keeps it out of `ps`")
     parser.add_argument("--log-level", default="info")
 
 
 def run(args: argparse.Namespace) -> int:
+    # A worker started by a gateway inherits its environment: in prometheus-client's multiprocess mode the worker's
+    # metrics would land in the gateway's directory (and its /metrics). This worker keeps its own, in memory: the
+    # variable goes before anything imports prometheus_client (which reads it once, at import).
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    os.environ.pop("prometheus_multiproc_dir", None)
+    args.metrics_token = args.metrics_token or os.environ.get("WORKER_METRICS_TOKEN") or None
+
     import uvicorn
 
     from backends.allocator import keep_freed_memory
@@ -50,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     lm = load(args.model, device=args.device, dtype=args.dtype)
     logging.getLogger("backends").info("worker serving %s on %s (%s)", lm.name, lm.device, lm.dtype)
     uvicorn.run(create_worker_app(lm, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
-                                  max_body_mb=args.max_body_mb), host=args.host,
+                                  max_body_mb=args.max_body_mb, metrics_token=args.metrics_token), host=args.host,
                 port=args.port, log_level=args.log_level, access_log=False)
     return 0
 
@@ -63,7 +74,8 @@ def _run_embedding(args: argparse.Namespace) -> int:
 
     embedder = load_embedder(args.model, device=args.device, dtype=args.dtype)
     logging.getLogger("backends").info("worker serving embedding model %s on %s", embedder.name, embedder.device)
-    uvicorn.run(create_embedding_app(embedder, max_batch=args.max_batch, max_body_mb=args.max_body_mb),
+    uvicorn.run(create_embedding_app(embedder, max_batch=args.max_batch, max_body_mb=args.max_body_mb,
+                                     metrics_token=args.metrics_token),
                 host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from backends.embedder import Embedder
+from backends.metrics import EmbeddingMetrics, install_metrics_route
 from backends.wire import responses as wire
 from backends.wire.body_limit import BodyLimit
 from backends.wire.errors import APIError, bad_request, install_handlers, not_found
@@ -118,10 +120,14 @@ class Batcher:
 
 
 def create_embedding_app(embedder: Embedder, max_batch: int = 32, max_tokens: int = 8192,
-                         max_body_mb: float = 16) -> FastAPI:
-    """`max_batch` rows and `max_tokens` padded tokens per forward bound the memory of one forward."""
+                         max_body_mb: float = 16, metrics_token: str | None = None) -> FastAPI:
+    """`max_batch` rows and `max_tokens` padded tokens per forward bound the memory of one forward;
+    `metrics_token`: GET /metrics then needs `Authorization: Bearer <token>`."""
     batcher = Batcher(embedder, max_batch=max_batch, max_tokens=max_tokens)
     name = embedder.name
+    # read on the event loop, which is also where the batcher changes them
+    metrics = EmbeddingMetrics(name, lambda: (sum(not job.future.done() for job in batcher.open),
+                                              batcher.queue.qsize()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -139,6 +145,7 @@ def create_embedding_app(embedder: Embedder, max_batch: int = 32, max_tokens: in
     max_body = int(max_body_mb * 1024 * 1024)
     app.add_middleware(BodyLimit, max_bytes=max_body, setting="--max-body-mb")
     install_handlers(app, max_body, "--max-body-mb")
+    install_metrics_route(app, metrics.registry, metrics_token)
 
     @app.get("/health")
     async def health() -> Response:
@@ -161,6 +168,7 @@ def create_embedding_app(embedder: Embedder, max_batch: int = 32, max_tokens: in
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
+        start = time.perf_counter()
         body = parse_body(await request.body(), EmbeddingRequest)
         if body["model"] not in (name, "default"):
             raise not_found(f"The model `{body['model']}` does not exist; this worker serves `{name}`.",
@@ -175,8 +183,10 @@ def create_embedding_app(embedder: Embedder, max_batch: int = 32, max_tokens: in
         if dimensions is not None and dimensions < embedder.dimension:
             # text-embedding-3's `dimensions`: the leading components, scaled back to unit length
             vectors = F.normalize(vectors[:, :dimensions], p=2, dim=-1)  # [N, dimensions] float32
-        return _json(wire.embedding_list(body["model"], vectors.tolist(), sum(len(r) for r in rows),
-                                         body.get("encoding_format")))
+        tokens = sum(len(r) for r in rows)
+        metrics.prompt_tokens.inc(tokens)
+        metrics.e2e.observe(time.perf_counter() - start)
+        return _json(wire.embedding_list(body["model"], vectors.tolist(), tokens, body.get("encoding_format")))
 
     return app
 

@@ -26,6 +26,7 @@ from backends.decoder import forward_for
 from backends.grammar import Grammars, OpenStructures
 from backends.kv_cache import KVCache
 from backends.loading import LoadedModel
+from backends.metrics import EngineObserver, RequestTimes
 from backends.prefix_cache import PrefixCache
 from backends.sampler import SamplerStats, SamplingParams, logprobs, sample
 from backends.text import TextStream
@@ -49,6 +50,7 @@ class GenRequest:
     # filled by submit(): where the engine thread delivers events
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
+    timing: RequestTimes | None = None  # set by a metrics observer (backends.metrics)
 
 
 @dataclass
@@ -82,7 +84,7 @@ class _Row:
 
 class Engine:
     def __init__(self, lm: LoadedModel, grammars: Grammars | None = None, max_batch: int = 32,
-                 max_prefill_tokens: int | None = None) -> None:
+                 max_prefill_tokens: int | None = None, observer: EngineObserver | None = None) -> None:
         self.lm = lm
         self.vocab = lm.model.get_output_embeddings().weight.shape[0]
         self.grammars = grammars or Grammars(Vocab(lm.tokenizer, self.vocab), sorted(lm.eos_token_ids))
@@ -90,6 +92,7 @@ class Engine:
         # a CPU prefills ~1k tokens/s on a small model; a GPU takes thousands in one step
         self.max_prefill_tokens = max_prefill_tokens or (2048 if lm.device.type == "cuda" else 96)
         self.stats = SamplerStats()
+        self.observer = observer or EngineObserver()
         self._waiting: queue.Queue[GenRequest] = queue.Queue()  # from the event loop
         self._pending: collections.deque[GenRequest] = collections.deque()  # taken off the queue, not yet prefilled
         self._rows: list[_Row] = []
@@ -119,6 +122,7 @@ class Engine:
     def submit(self, req: GenRequest) -> asyncio.Queue:
         req.loop = asyncio.get_running_loop()
         req.events = asyncio.Queue()
+        self.observer.submitted(req)
         self._waiting.put(req)
         return req.events
 
@@ -126,12 +130,19 @@ class Engine:
     def active(self) -> int:
         return len(self._rows)
 
+    def load(self) -> tuple[int, int, int]:
+        """Rows running, requests waiting, KV-cache columns held (batch and prefix cache); from any thread."""
+        kv = self._kv  # one read: the engine thread may replace it meanwhile
+        return (len(self._rows), len(self._pending) + self._waiting.qsize(),
+                (kv.rows * kv.length if kv is not None else 0) + self._prefixes.tokens)
+
     # --- the engine thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             new = self._take_waiting(block=not self._rows)
+            self.observer.prefilling(new)
             try:
                 scoring = [r for r in new if r.prompt_logprobs is not None]
                 for req in scoring:  # alone: they need every position's logits
@@ -276,6 +287,7 @@ class Engine:
         for row in self._rows:
             row.position += 1
         self.steps += 1
+        self.observer.decoded(len(self._rows))
         self._sample_and_emit(logits, first=0)
 
     def _constrain(self, logits: torch.Tensor, rows: list[_Row]) -> None:
@@ -303,6 +315,7 @@ class Engine:
         self._constrain(logits, rows)
         tokens = sample(logits, [r.req.params for r in rows], [r.generator for r in rows],
                         self._counts[first:], self._seen[first:], self.stats)
+        self.observer.sampled(rows)  # before any event: an answer never arrives ahead of its own counts
         finished: set[int] = set()
         for i, row in enumerate(rows):
             token = int(tokens[i])

@@ -16,6 +16,7 @@ class PrefixCache:
     def __init__(self, forward: Callable[[list[int]], KVCache]) -> None:
         self._forward = forward  # KV of one sequence computed alone
         self._prefixes: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
+        self.tokens = 0  # cached prefixes' tokens, kept as an int: metrics read it from another thread
 
     def shared(self, prompts: list[list[int]]) -> tuple[int, ...]:
         """The longest cached start of every prompt, or, for several prompts, their longest common prefix when it
@@ -49,8 +50,9 @@ class PrefixCache:
             source = next((key for key in self._prefixes if key[:len(prefix)] == prefix), None)
             self._prefixes[prefix] = (self._prefixes[source].head(len(prefix)) if source is not None
                                       else self._forward(list(prefix)))
-            while sum(map(len, self._prefixes)) > MAX_CACHED_PREFIX_TOKENS and len(self._prefixes) > 1:
-                self._prefixes.popitem(last=False)
+            self.tokens += len(prefix)
+            while self.tokens > MAX_CACHED_PREFIX_TOKENS and len(self._prefixes) > 1:
+                self.tokens -= len(self._prefixes.popitem(last=False)[0])
         self._prefixes.move_to_end(prefix)
         return self._prefixes[prefix]
 

@@ -17,6 +17,7 @@ from backends.answers import ChoiceBuilder
 from backends.engine import DoneEvent, Engine, GenRequest
 from backends.grammar import GrammarError, Grammars
 from backends.loading import LoadedModel
+from backends.metrics import EngineMetrics, install_metrics_route
 from backends.protocol import Plan, WorkerChatRequest, WorkerCompletionRequest, chat_plan, completion_plan
 from backends.vocab import Vocab
 from backends.wire import responses as wire
@@ -31,10 +32,11 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 
 class Worker:
-    def __init__(self, lm: LoadedModel, engine: Engine, vocab: Vocab) -> None:
+    def __init__(self, lm: LoadedModel, engine: Engine, vocab: Vocab, metrics: EngineMetrics) -> None:
         self.lm = lm
         self.engine = engine
         self.vocab = vocab
+        self.metrics = metrics
 
     def requests(self, plan: Plan, grammar: Any) -> list[GenRequest]:
         """One engine request per (prompt, choice); choice i of a seeded request uses seed + i."""
@@ -51,29 +53,37 @@ class Worker:
         """Run one request to the end; cancels it if the client goes away."""
         events = self.engine.submit(req)
         checked = time.monotonic()
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except TimeoutError:
-                event = None
-            if time.monotonic() - checked >= 0.5:  # also while tokens flow: a long answer is still cancelled
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    req.cancelled = True
-                    raise APIError(499, "The client closed the request.", "invalid_request_error")
-            if event is None:
-                continue
-            answers.apply(builder, event)
-            if isinstance(event, DoneEvent):
-                return builder
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=0.5)
+                except TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= 0.5:  # also while tokens flow: a long answer is still cancelled
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        req.cancelled = True
+                        raise APIError(499, "The client closed the request.", "invalid_request_error")
+                if event is None:
+                    continue
+                answers.apply(builder, event)
+                if isinstance(event, DoneEvent):
+                    self.metrics.finished(req, builder.finish_reason)
+                    return builder
+        except (asyncio.CancelledError, APIError):
+            self.metrics.finished(req, "abort")
+            raise
 
 
 def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: int | None = None,
-                      max_body_mb: float = 16) -> FastAPI:
+                      max_body_mb: float = 16, metrics_token: str | None = None) -> FastAPI:
+    """`metrics_token`: GET /metrics then needs `Authorization: Bearer <token>`."""
     vocab = Vocab(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0])
     grammars = Grammars(vocab, sorted(lm.eos_token_ids))
-    engine = Engine(lm, grammars, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
-    worker = Worker(lm, engine, vocab)
+    metrics = EngineMetrics(lm.name)
+    engine = Engine(lm, grammars, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, observer=metrics)
+    metrics.watch(engine)
+    worker = Worker(lm, engine, vocab, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +98,7 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: 
     max_body = int(max_body_mb * 1024 * 1024)
     app.add_middleware(BodyLimit, max_bytes=max_body, setting="--max-body-mb")
     install_handlers(app, max_body, "--max-body-mb")
+    install_metrics_route(app, metrics.registry, metrics_token)
 
     def check_model(body: dict[str, Any]) -> None:
         if body["model"] not in (lm.name, "default"):
@@ -175,21 +186,25 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: 
                     yield wire.sse(wire.chunk(head, chat, [role]))
             while open_choices:
                 index, event = await merged.get()
+                choices = answers.apply(builders[index], event)
                 if isinstance(event, DoneEvent):
                     open_choices -= 1
+                    metrics.finished(reqs[index], builders[index].finish_reason)
                     if event.finish_reason == "error":
                         yield wire.sse(APIError(500, "The worker failed while generating; retry.",
                                                 "server_error").body())
                         yield wire.SSE_DONE
                         return
-                for choice in answers.apply(builders[index], event):
+                for choice in choices:
                     yield wire.sse(wire.chunk(head, chat, [choice]))
             if include_usage:
                 completion_tokens = sum(b.done.completion_tokens for b in builders if b.done)
                 yield wire.sse(wire.chunk(head, chat, [], wire.usage(prompt_tokens, completion_tokens)))
             yield wire.SSE_DONE
         finally:
-            for r in reqs:  # the client went away (or we are done): stop decoding for it
+            for r, b in zip(reqs, builders, strict=True):  # the client went away (or we are done): stop decoding
+                if b.done is None:
+                    metrics.finished(r, "abort")
                 r.cancelled = True
             for task in pumps:
                 task.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,6 +47,16 @@ class ChannelConfig:
 
 # OpenAI's core generation fields of each endpoint: what every channel receives (relay.passthrough) and what a
 # litellm channel hands litellm as arguments.
+# The id of the request being served (the gateway sets it per request): channels send it upstream as
+# X-Request-Id, so one id follows a request through every hop's logs.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def request_id_header() -> dict[str, str]:
+    rid = REQUEST_ID.get()
+    return {"X-Request-Id": rid} if rid else {}
+
+
 OPENAI_FIELDS = {
     "chat": frozenset({
         "model", "messages", "temperature", "top_p", "n", "stream", "stream_options", "stop", "max_tokens",

@@ -24,7 +24,7 @@ import openai  # noqa: E402
 from litellm.litellm_core_utils import litellm_logging  # noqa: E402
 
 from channels import errors  # noqa: E402
-from channels.base import OPENAI_FIELDS, Channel, UpstreamError  # noqa: E402
+from channels.base import OPENAI_FIELDS, Channel, UpstreamError, request_id_header  # noqa: E402
 
 litellm.telemetry = False
 litellm.suppress_debug_info = True
@@ -184,8 +184,10 @@ class LiteLLMChannel(Channel):
         # _skip_mcp_handler: without it litellm 1.106 routes every request that has `tools` through its
         # MCP gateway, which imports the proxy-only `mcp` package and fails.
         kwargs = {**body, **self.connection_kwargs(), "timeout": self.config.timeout_s, "num_retries": 0}
-        if endpoint != "embeddings":  # aembedding would send it to the provider as a body field
+        if endpoint != "embeddings":  # aembedding would send these to the provider as body fields
             kwargs["_skip_mcp_handler"] = True
+            if headers := request_id_header():
+                kwargs["extra_headers"] = {**(kwargs.get("extra_headers") or {}), **headers}
         return kwargs
 
     async def _call(self, function: Any, request: dict[str, Any], *, text: bool, endpoint: str = "chat"

@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from channels import errors
-from channels.base import UpstreamError
+from channels.base import UpstreamError, request_id_header
 
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event larger than this is a broken stream, not a buffer to grow
@@ -59,8 +59,8 @@ class OpenAIClient:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         with _classified(lambda: UpstreamError(502, "The upstream channel sent an answer that is not JSON.",
                                                retryable=True)):
-            async with _session().post(self.api_base + path, data=orjson.dumps(body), headers=self.headers,
-                                       timeout=timeout) as response:
+            async with _session().post(self.api_base + path, data=orjson.dumps(body),
+                                       headers={**self.headers, **request_id_header()}, timeout=timeout) as response:
                 if response.status >= 400:
                     raise await _failure(response)
                 data = orjson.loads(await response.read())
@@ -82,8 +82,8 @@ class OpenAIClient:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
         with _classified(lambda: UpstreamError(502, "The upstream stream broke off.", retryable=True,
                                                kind="stream_error")):
-            async with _session().post(self.api_base + path, data=orjson.dumps(body), headers=self.headers,
-                                       timeout=timeout) as response:
+            async with _session().post(self.api_base + path, data=orjson.dumps(body),
+                                       headers={**self.headers, **request_id_header()}, timeout=timeout) as response:
                 if response.status >= 400:
                     raise await _failure(response)
                 tail = b""

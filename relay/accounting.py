@@ -9,9 +9,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from channels.base import REQUEST_ID
 from relay.auth import Principal
 from relay.errors import APIError
 from relay.limits import RateLimiter
+from relay.metrics import RelayMetrics
 from relay.quota import Hold, QuotaLedger
 from relay.tokens import output_budget, output_cap, prompt_tokens, text_tokens
 from relay.usage import UsageRecorder, clamp_tokens
@@ -96,8 +98,9 @@ class Entry:
 
 class Accounting:
     def __init__(self, usage: UsageRecorder, limits: RateLimiter, quota: QuotaLedger, cache_stats: Any,
-                 output_estimate: int) -> None:
+                 output_estimate: int, metrics: RelayMetrics | None = None) -> None:
         self.usage = usage
+        self.metrics = metrics or RelayMetrics(lambda model: False, lambda channel_id: "none")
         self.limits = limits
         self.quota = quota
         self.cache_stats = cache_stats  # Counter of hit/miss/bypass, flushed by the cache
@@ -139,8 +142,9 @@ class Accounting:
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
             "completion_tokens": int(usage.get("completion_tokens") or 0), "total_tokens": tokens,
             "latency_ms": round(latency_ms, 3), "cache": entry.cache, "policy": entry.policy,
-            "rewrites": entry.rewrites or None,
+            "rewrites": entry.rewrites or None, "request_id": REQUEST_ID.get(),
         })
+        self.metrics.finished(entry, status, usage, error_type, latency_ms / 1000)
         admission = entry.admission
         if admission is not None and (admission.hold is not None or admission.tpm):
             entry.admission = None  # settled once, whatever calls finish again

@@ -28,11 +28,16 @@ from relay.circuit import CircuitBreaker
 from relay.config_sync import ConfigSync
 from relay.db import make_engine
 from relay.errors import install_handlers
+from relay.health import database_up, expected_revision, redis_up
+from relay.health import router as health_router
 from relay.lifecycle import Drain
 from relay.limits import RateLimiter
+from relay.metrics import InFlight, RelayMetrics, process_exited
+from relay.metrics import router as metrics_router
 from relay.pipeline import Pipeline
 from relay.quota import QuotaLedger
 from relay.redis_state import RedisState
+from relay.request_context import RequestId
 from relay.secrets import resolve_box
 from relay.settings import Settings
 from relay.usage import UsageRecorder
@@ -77,7 +82,10 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
         cache = ResponseCache(redis_state)
         config_sync = ConfigSync(catalog, redis_state, settings.config_poll_s)
         limits = RateLimiter(redis_state, settings.rate_burst_s)
-        accounting = Accounting(usage, limits, QuotaLedger(redis_state, usage), cache.stats, settings.output_estimate)
+        metrics = RelayMetrics(lambda model: model in catalog.snapshot.channels_by_model,
+                               lambda cid: _channel_name(catalog, cid))
+        accounting = Accounting(usage, limits, QuotaLedger(redis_state, usage), cache.stats, settings.output_estimate,
+                                metrics)
 
         async def disable_channel(channel: Channel, reason: str) -> None:
             def write() -> bool:
@@ -91,8 +99,17 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
         drain = Drain(settings.drain_timeout_s)
         drain.install()
         app.state.engine, app.state.catalog, app.state.usage, app.state.cache = engine, catalog, usage, cache
-        app.state.config_sync = config_sync
+        app.state.config_sync, app.state.redis_state = config_sync, redis_state
+        app.state.schema_revision = await asyncio.to_thread(expected_revision, settings.database_url)
         breaker = CircuitBreaker(redis_state, settings.circuit_failures, settings.circuit_cooldown_s)
+
+        async def probe() -> tuple[bool | None, bool, dict[str, bool]]:
+            channels = catalog.snapshot.channels
+            cooling = await breaker.cooling(list(channels)) or {}
+            state = await asyncio.gather(redis_up(redis_state), database_up(engine))
+            return state[0], state[1], {c.config.name: cid in cooling for cid, c in channels.items()}
+
+        app.state.metrics_probe = probe
         app.state.pipeline = Pipeline(catalog, accounting, cache, breaker, drain, disable_channel)
         tasks = [asyncio.create_task(config_sync.poll_forever()),
                  asyncio.create_task(config_sync.listen_forever()),
@@ -112,11 +129,21 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
             await close_sessions()
             config_sync.close()
             engine.dispose()
+            process_exited()
 
     app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.ready = False
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, setting="RELAY_MAX_BODY_MB")
+    app.add_middleware(InFlight)
+    app.add_middleware(RequestId)  # outermost: even a refused body's answer carries its id
     install_handlers(app, settings.max_body_bytes)
     app.include_router(openai_router)
+    app.include_router(health_router)
+    app.include_router(metrics_router)
     return app
+
+
+def _channel_name(catalog: Catalog, channel_id: int | None) -> str:
+    channel = catalog.snapshot.channels.get(channel_id) if channel_id is not None else None
+    return channel.config.name if channel is not None else "none"

@@ -127,6 +127,7 @@ class RequestLog(SQLModel, table=True):
     cache: str = Field(default="bypass", max_length=10)  # hit | miss | bypass
     policy: str | None = Field(default=None, max_length=50)  # "id@version"
     rewrites: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    request_id: str | None = Field(default=None, max_length=128, index=True)  # X-Request-Id
 
 
 class AuditEvent(SQLModel, table=True):

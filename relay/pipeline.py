@@ -265,6 +265,7 @@ class Pipeline:
         if not exc.retryable:
             return False
         log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
+        self.accounting.metrics.failover(channel.config.id)
         refused_credentials = exc.kind == "upstream_auth"
         if await self.breaker.failed(channel, credentials=refused_credentials):
             # Off the request path: with the database away the write fails, and failover must not.
@@ -301,6 +302,7 @@ class Pipeline:
                     break
             finally:
                 attempt.upstream_ms += (time.perf_counter() - t0) * 1000
+                self.accounting.metrics.upstream(channel.config.id, time.perf_counter() - t0)
         raise client_error(failures[-1])
 
     async def _stream(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
@@ -310,6 +312,7 @@ class Pipeline:
             request = self._upstream_request(attempt, channel)
             chunks = (channel.chat_stream_batches if attempt.call.endpoint == "chat"
                       else channel.completion_stream_batches)(request)
+            t0 = time.perf_counter()
             try:
                 # Nothing has reached the client yet, so a failure here can still be a clean HTTP error
                 # (or, with failover, the next channel).
@@ -321,6 +324,9 @@ class Pipeline:
                 if await self._channel_failed(channel, exc):
                     continue
                 break
+            self.accounting.metrics.upstream(channel.config.id, time.perf_counter() - t0)
+            self.accounting.metrics.first_byte(attempt.entry.endpoint, attempt.entry.model,
+                                               time.perf_counter() - attempt.call.started)
             await self.breaker.succeeded(channel)
             return RelayResult(headers=self._headers(attempt), stream=self._relay_stream(attempt, first, chunks))
         raise client_error(failures[-1])

@@ -24,7 +24,8 @@ log = logging.getLogger("relay.usage")
 MAX_PENDING = 100_000  # beyond this the oldest logs are dropped rather than exhausting memory
 PRUNE_EVERY_S = 3600.0  # per-minute stats older than relay.rollup.MINUTES_KEPT go, once an hour
 MAX_TOKENS = 2**31 - 1  # the log columns are INTEGER; beyond this an upstream reports nonsense
-_STRING_LIMITS = {"endpoint": 50, "model": 200, "upstream_model": 200, "error_type": 100, "cache": 10, "policy": 50}
+_STRING_LIMITS = {"endpoint": 50, "model": 200, "upstream_model": 200, "error_type": 100, "cache": 10, "policy": 50,
+                  "request_id": 128}
 
 
 def clamp_tokens(value: object) -> int:

@@ -59,8 +59,8 @@ class FakeUpstream:
             return await send_json(send, 200, wire.model_list([wire.model_card("fake", 0, "fake")]))
         body = json.loads(raw or b"{}")
         if self.record:
-            self.calls.append({"path": path, "body": body,
-                               "authorization": headers.get("authorization")})
+            self.calls.append({"path": path, "body": body, "authorization": headers.get("authorization"),
+                               "request_id": headers.get("x-request-id")})
         if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
             return await send_json(send, 401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
         model = body.get("model", "")

@@ -1,0 +1,196 @@
+"""The gateway's Prometheus metrics (prometheus-client), and GET /metrics.
+
+Counters and histograms are observed where the pipeline already knows the facts (a request's log row, an
+upstream call, a stream's first batch, a failover); gauges of shared state (Redis and the database reachable,
+each channel's circuit) are read when scraped. Under `serve --workers N` every process writes its values to
+PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode, set up by the command line) and whichever
+process answers a scrape sums them all.
+
+Labels stay bounded whatever tenants send: a model is named only when the catalog serves it ("other"
+otherwise), a channel by its operator-given name, a rewritten parameter only from the request fields
+policies know ("other" otherwise); never a key, a tenant or a raw client string."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from relay.errors import APIError
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+KNOWN_PARAMS = frozenset({
+    "temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "seed", "n", "stop", "logprobs", "top_logprobs", "logit_bias",
+    "response_format", "tools", "tool_choice", "parallel_tool_calls", "stream_options", "user", "reasoning_effort",
+    "dimensions", "encoding_format", "echo", "best_of", "suffix"})
+REFUSALS = {"rate_limit_exceeded": "rate_limit", "insufficient_quota": "quota"}
+
+REQUESTS = Counter("relay_requests", "Requests answered, by endpoint, model, channel, status class and cache result",
+                   ["endpoint", "model", "channel", "status_class", "cache"])
+DURATION = Histogram("relay_request_duration_seconds", "Time from receiving a request to its last byte",
+                     ["endpoint", "model"], buckets=SECONDS)
+UPSTREAM = Histogram("relay_upstream_duration_seconds",
+                     "One upstream call: until its answer, or for a stream until its first chunk", ["channel"],
+                     buckets=SECONDS)
+FIRST_BYTE = Histogram("relay_time_to_first_byte_seconds", "Streams: time from the request to its first chunk",
+                       ["endpoint", "model"], buckets=SECONDS)
+PROMPT_TOKENS = Counter("relay_prompt_tokens", "Prompt tokens billed", ["model", "channel"])
+COMPLETION_TOKENS = Counter("relay_completion_tokens", "Completion tokens billed", ["model", "channel"])
+REWRITES = Counter("relay_policy_rewrites", "Request parameters a policy rewrote or dropped", ["model", "param"])
+CACHE = Counter("relay_cache_requests", "Answered requests by response-cache result", ["result"])
+REFUSED = Counter("relay_refusals", "Requests refused by rate limits or token quotas", ["reason"])
+FAILOVERS = Counter("relay_failovers", "Upstream failures after which the relay tried again or moved on",
+                    ["channel"])
+IN_FLIGHT = Gauge("relay_requests_in_flight", "API requests being served", multiprocess_mode="livesum")
+
+
+def prepare_multiprocess(workers: int) -> str | None:
+    """For `serve --workers N` (N > 1): a directory for every process's values, emptied of an earlier run's.
+    Must run before any process imports this module; returns the directory to remove at exit, if made here."""
+    if workers <= 1 and not os.environ.get(MULTIPROC_ENV):
+        return None
+    made = None
+    if not os.environ.get(MULTIPROC_ENV):
+        made = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="policy-relay-metrics-")
+    for stale in Path(os.environ[MULTIPROC_ENV]).glob("*.db"):
+        stale.unlink(missing_ok=True)
+    return made
+
+
+def remove_multiprocess_dir(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def process_exited() -> None:
+    """A gateway process stopping: its in-flight gauge no longer counts."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(os.getpid())
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class RelayMetrics:
+    """Observations with the catalog's bounded names. `known_model` and `channel_name` read the live catalog."""
+
+    def __init__(self, known_model: Callable[[str], bool], channel_name: Callable[[int | None], str]) -> None:
+        self.known_model = known_model
+        self.channel_name = channel_name
+
+    def model(self, model: Any) -> str:
+        return model if isinstance(model, str) and self.known_model(model) else "other"
+
+    def finished(self, entry: Any, status: int, usage: dict[str, Any], error_type: str | None,
+                 latency_s: float) -> None:
+        model, channel = self.model(entry.model), self.channel_name(entry.channel_id)
+        REQUESTS.labels(entry.endpoint, model, channel, _status_class(status), entry.cache).inc()
+        DURATION.labels(entry.endpoint, model).observe(latency_s)
+        if status == 200:
+            CACHE.labels(entry.cache).inc()
+        if reason := REFUSALS.get(error_type or ""):
+            REFUSED.labels(reason).inc()
+        if prompt := int(usage.get("prompt_tokens") or 0):
+            PROMPT_TOKENS.labels(model, channel).inc(prompt)
+        if completion := int(usage.get("completion_tokens") or 0):
+            COMPLETION_TOKENS.labels(model, channel).inc(completion)
+        for rewrite in entry.rewrites or ():
+            param = rewrite.get("param")
+            REWRITES.labels(model, param if param in KNOWN_PARAMS else "other").inc()
+
+    def upstream(self, channel_id: int, seconds: float) -> None:
+        UPSTREAM.labels(self.channel_name(channel_id)).observe(seconds)
+
+    def first_byte(self, endpoint: str, model: str, seconds: float) -> None:
+        FIRST_BYTE.labels(endpoint, self.model(model)).observe(seconds)
+
+    def failover(self, channel_id: int) -> None:
+        FAILOVERS.labels(self.channel_name(channel_id)).inc()
+
+
+class InFlight:
+    """ASGI middleware: counts the API requests being served (not health checks, metrics or admin calls)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            IN_FLIGHT.dec()
+
+
+# Read at scrape time: (redis_up or None when Redis is deliberately off, database_up, {channel name: open})
+StateProbe = Callable[[], Awaitable[tuple[bool | None, bool, dict[str, bool]]]]
+
+
+class _SharedState:
+    """Gauges of state every process shares, read once per scrape by the process answering it."""
+
+    def __init__(self, state: tuple[bool | None, bool, dict[str, bool]]) -> None:
+        self.state = state
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        redis_up, database_up, circuits = self.state
+        out = []
+        if redis_up is not None:
+            out.append(GaugeMetricFamily("relay_redis_up", "1 when Redis answers a PING", value=float(redis_up)))
+        out.append(GaugeMetricFamily("relay_database_up", "1 when the database answers a query",
+                                     value=float(database_up)))
+        circuit = GaugeMetricFamily("relay_channel_circuit_open",
+                                    "1 while a channel's circuit is open (it is cooling down, out of routing)",
+                                    labels=["channel"])
+        for name, is_open in sorted(circuits.items()):
+            circuit.add_metric([name], float(is_open))
+        out.append(circuit)
+        return out
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    token = os.environ.get("RELAY_METRICS_TOKEN")
+    if token:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise APIError(401, "GET /metrics needs `Authorization: Bearer <RELAY_METRICS_TOKEN>`.",
+                           "invalid_request_error", None, "invalid_api_key")
+    probe: StateProbe | None = getattr(request.app.state, "metrics_probe", None)
+    shared = CollectorRegistry(auto_describe=False)
+    if probe is not None:
+        shared.register(_SharedState(await probe()))
+    if os.environ.get(MULTIPROC_ENV):
+        counted = CollectorRegistry()
+        multiprocess.MultiProcessCollector(counted)
+    else:
+        counted = REGISTRY
+    return Response(generate_latest(counted) + generate_latest(shared), media_type=CONTENT_TYPE_LATEST)
