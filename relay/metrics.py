@@ -16,6 +16,7 @@ import hmac
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ FIRST_BYTE = Histogram("relay_time_to_first_byte_seconds", "Streams: time from t
                        ["endpoint", "model"], buckets=SECONDS)
 PROMPT_TOKENS = Counter("relay_prompt_tokens", "Prompt tokens billed", ["model", "channel"])
 COMPLETION_TOKENS = Counter("relay_completion_tokens", "Completion tokens billed", ["model", "channel"])
-REWRITES = Counter("relay_policy_rewrites", "Request parameters a policy rewrote or dropped", ["model", "param"])
+REWRITES = Counter("relay_policy_rewrites", "Request parameters a policy rewrote or dropped, by rule",
+                   ["model", "param", "rule"])
 CACHE = Counter("relay_cache_requests", "Answered requests by response-cache result", ["result"])
 REFUSED = Counter("relay_refusals", "Requests refused by rate limits or token quotas", ["reason"])
 FAILOVERS = Counter("relay_failovers", "Upstream failures after which the relay tried again or moved on",
@@ -117,8 +119,10 @@ class RelayMetrics:
         if completion := int(usage.get("completion_tokens") or 0):
             COMPLETION_TOKENS.labels(model, channel).inc(completion)
         for rewrite in entry.rewrites or ():
-            param = rewrite.get("param")
-            REWRITES.labels(model, param if param in KNOWN_PARAMS else "other").inc()
+            param, rule = rewrite.get("param"), rewrite.get("rule")
+            known = param in KNOWN_PARAMS and isinstance(rule, str) and len(rule) <= 40
+            # rules are named by code ("temperature.min", "greedy_as.top_k_one", "passthrough"), params bounded
+            REWRITES.labels(model, param if known else "other", rule if known else "other").inc()
 
     def upstream(self, channel_id: int, seconds: float) -> None:
         UPSTREAM.labels(self.channel_name(channel_id)).observe(seconds)
@@ -174,6 +178,15 @@ class _SharedState:
 
 
 router = APIRouter()
+PROBE_EVERY_S = 1.0  # scrapes at any rate cost at most one Redis and one database round trip per second
+
+
+async def _probed(app_state: Any, probe: StateProbe) -> tuple[bool | None, bool, dict[str, bool]]:
+    cached = getattr(app_state, "metrics_probed", None)
+    now = time.monotonic()
+    if cached is None or now - cached[0] >= PROBE_EVERY_S:
+        cached = app_state.metrics_probed = (now, await probe())
+    return cached[1]
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -187,7 +200,7 @@ async def metrics(request: Request) -> Response:
     probe: StateProbe | None = getattr(request.app.state, "metrics_probe", None)
     shared = CollectorRegistry(auto_describe=False)
     if probe is not None:
-        shared.register(_SharedState(await probe()))
+        shared.register(_SharedState(await _probed(request.app.state, probe)))
     if os.environ.get(MULTIPROC_ENV):
         counted = CollectorRegistry()
         multiprocess.MultiProcessCollector(counted)

@@ -26,7 +26,7 @@ DASHBOARD_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "relay_time_to_first_byte_seconds": ("histogram", frozenset({"endpoint", "model"})),
     "relay_prompt_tokens_total": ("counter", frozenset({"model", "channel"})),
     "relay_completion_tokens_total": ("counter", frozenset({"model", "channel"})),
-    "relay_policy_rewrites_total": ("counter", frozenset({"model", "param"})),
+    "relay_policy_rewrites_total": ("counter", frozenset({"model", "param", "rule"})),
     "relay_cache_requests_total": ("counter", frozenset({"result"})),
     "relay_refusals_total": ("counter", frozenset({"reason"})),
     "relay_failovers_total": ("counter", frozenset({"channel"})),

@@ -49,6 +49,7 @@ def test_prometheus_scrapes_two_gateway_processes_and_the_worker(tmp_path, upstr
     with postgres_database() as url, run_relay(url, tmp_path, "--workers", "2", "--with-worker", "tiny-qwen2",
                                                "--worker-port", str(worker_port), env=env) as relay:
         add_fake_channel(relay, upstream[1], "fake-metrics", ["metrics-model"])
+        relay.ok("POST", "/admin/policies", {"model_pattern": "metrics-model", "rules": {"temperature": {"min": 0.5}}})
         key = relay.new_key()
         time.sleep(1.5)  # RELAY_CONFIG_POLL_S=0.5: both processes know the channel
         ready = httpx.get(relay.url + "/health/ready", timeout=10)
@@ -62,7 +63,8 @@ def test_prometheus_scrapes_two_gateway_processes_and_the_worker(tmp_path, upstr
             with httpx.Client(base_url=relay.url, timeout=30) as client:
                 answer = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key['key']}"},
                                      json={"model": "metrics-model", "stream": i % 3 == 0,
-                                           "messages": [{"role": "user", "content": f"hi {i}"}]})
+                                           "messages": [{"role": "user", "content": f"hi {i}"}],
+                                           **({"temperature": 0.1} if i == 1 else {})})
                 assert answer.status_code == 200, answer.text
         refused = httpx.post(relay.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key['key']}"},
                              json={"model": "no-such-model-" + "x" * 40,
@@ -80,6 +82,8 @@ def test_prometheus_scrapes_two_gateway_processes_and_the_worker(tmp_path, upstr
         assert _sum(samples, "relay_time_to_first_byte_seconds_count", model="metrics-model") == 4
         assert _sum(samples, "relay_upstream_duration_seconds_count", channel="fake-metrics") == sent
         assert _sum(samples, "relay_completion_tokens_total", model="metrics-model") > 0
+        assert _sum(samples, "relay_policy_rewrites_total", model="metrics-model", param="temperature",
+                    rule="temperature.min") == 1
         assert _sum(samples, "relay_redis_up") == 1 and _sum(samples, "relay_database_up") == 1
         assert _sum(samples, "relay_channel_circuit_open", channel="fake-metrics") == 0
         worker_text = httpx.get(f"http://127.0.0.1:{worker_port}/metrics", timeout=10).text
