@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from admin import service
 from admin.crud import get_or_404
 from admin.deps import JSONLimitedRoute, RowId, announce, db_session, require_admin, secret_box
+from admin.probe import probe_and_record
 from admin.schemas import ChannelCreate, ChannelOut, ChannelUpdate
 from channels.base import UpstreamError
 from channels.registry import build
@@ -95,3 +96,17 @@ async def test_channel(channel_id: RowId, request: Request, model: str | None = 
     s.add(row)
     await run_in_threadpool(s.commit)
     return ChannelOut.of(row)
+
+
+@router.post("/{channel_id}/probe")
+async def probe_channel(channel_id: RowId, request: Request, model: str | None = None, apply: bool = False,
+                        s: Session = Depends(db_session), box: SecretBox = Depends(secret_box),
+                        actor: str = Depends(require_admin)) -> dict:
+    """Sends the parameter probe's grid (admin.probe) straight to this channel, stores the result on the channel,
+    and answers the table, the proposed rules and what they make of a temperature-0 request; `apply=true` writes
+    the proposal as the policy of each of the channel's models (audited)."""
+    row = await run_in_threadpool(get_or_404, s, Channel, channel_id, "channel")
+    answer = await probe_and_record(s, row, box, model, apply, actor, run_in_threadpool)
+    if apply:
+        announce(request)
+    return answer

@@ -121,6 +121,28 @@ def _key_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return _write(settings, write)
 
 
+def _channel_probe(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from sqlmodel import select
+
+    from admin.bootstrap import secret_box
+    from admin.probe import probe_and_record
+    from relay.errors import not_found
+    from relay.models import Channel
+
+    async def direct(fn, *a):
+        return fn(*a)
+
+    def write(s):
+        row = s.exec(select(Channel).where(Channel.name == args.name)).first()
+        if row is None:
+            raise not_found(f"No channel is named `{args.name}`.", "name", "channel_not_found")
+        return asyncio.run(probe_and_record(s, row, secret_box(settings), args.model, args.apply, "cli", direct))
+
+    return _write(settings, write)
+
+
 def _channel_add(args: argparse.Namespace, settings: Settings) -> int:
     from admin import service
     from admin.bootstrap import secret_box
@@ -221,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--model-mapping", help='JSON, e.g. {"alias": "upstream-name"}')
     ca.add_argument("--options", help="JSON of extra litellm options")
     ca.set_defaults(func=_channel_add)
+    cp = channel.add_parser("probe", help="send the parameter probe's grid to a channel and propose its policy")
+    cp.add_argument("name")
+    cp.add_argument("--model", help="one of the channel's models (default: its first)")
+    cp.add_argument("--apply", action="store_true", help="write the proposal as the policy of the channel's models")
+    cp.set_defaults(func=_channel_probe)
     sk = sub.add_parser("secret-key", help="print a new key for RELAY_SECRET_KEY")
     sk.set_defaults(func=_secret_key)
     imp = sub.add_parser("import-oneapi", help="create channels from a ONE API database (dry run by default)")

@@ -247,6 +247,8 @@ class ChannelOut(_Out):
     last_test_ok: bool | None
     last_test_latency_ms: float | None
     last_test_error: str | None
+    probe: dict[str, Any] | None = None
+    probed_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
 

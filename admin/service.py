@@ -238,3 +238,29 @@ def update_policy(s: Session, policy_id: int, body: PolicyUpdate, actor: str) ->
 
 def delete_policy(s: Session, policy_id: int, actor: str) -> None:
     _remove(s, ModelPolicy, policy_id, "policy", actor)
+
+
+def record_probe(s: Session, row: Channel, result: dict[str, Any]) -> Channel:
+    """Stores a channel's probe result. A measurement, not an edit of the configuration (like the channel
+    test): no audit event, no version bump, no reload anywhere."""
+    row.probe, row.probed_at = result, utcnow()
+    s.add(row)
+    s.commit()
+    s.refresh(row)
+    return row
+
+
+def apply_probed_rules(s: Session, row: Channel, rules: dict[str, Any], actor: str) -> list[ModelPolicy]:
+    """The probe's proposal as the all-tenant policy of each of the channel's models: the one whose pattern is
+    exactly that model is updated (its other rules kept), or one is created; audited like any policy write."""
+    written = []
+    for model in row.models:
+        existing = s.exec(select(ModelPolicy).where(ModelPolicy.model_pattern == model,
+                                                    ModelPolicy.tenant_id.is_(None))).first()  # type: ignore
+        if existing is None:
+            written.append(create_policy(s, PolicyCreate(model_pattern=model, rules=Rules.model_validate(rules)),
+                                         actor))
+        else:
+            merged = Rules.model_validate({**(existing.rules or {}), **rules})
+            written.append(update_policy(s, existing.id, PolicyUpdate(rules=merged), actor))
+    return written

@@ -79,7 +79,8 @@ class UpstreamError(Exception):
     """A failure talking to the channel, already classified for routing and for the client."""
 
     def __init__(self, status: int, message: str, *, retryable: bool, kind: str = "upstream_error",
-                 param: str | None = None, type: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, type: str | None = None, code: str | None = None,
+                 upstream_message: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -87,6 +88,8 @@ class UpstreamError(Exception):
         self.kind = kind
         # An upstream 4xx's own error fields, passed on to the client as the upstream gave them.
         self.param, self.type, self.code = param, type, code
+        # What the upstream itself said, for operators (logs, the parameter probe); never sent to a client.
+        self.upstream_message = upstream_message
 
 
 class Channel(ABC):

@@ -47,7 +47,8 @@ def from_status(status: int | None, error: dict[str, Any], message: str | None =
     if status == 429:
         return UpstreamError(429, "The upstream channel is busy; retry shortly.", retryable=True,
                              kind="upstream_rate_limited")
-    return UpstreamError(502, f"The upstream channel failed (status {status or 'unknown'}).", retryable=True)
+    return UpstreamError(502, f"The upstream channel failed (status {status or 'unknown'}).", retryable=True,
+                         upstream_message=safe_message(text) if text else None)
 
 
 def timeout() -> UpstreamError:

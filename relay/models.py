@@ -83,6 +83,9 @@ class Channel(SQLModel, table=True):
     last_test_ok: bool | None = None
     last_test_latency_ms: float | None = None
     last_test_error: str | None = Field(default=None, sa_column=Column(Text))
+    # The last parameter probe (admin.probe): its table and proposal, and when it ran
+    probe: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    probed_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

@@ -9,7 +9,8 @@ or the error code `account_deactivated`),
 (or with none) and valid JSON at or below it, `broken-tool-call` answers a tool call whose arguments are no JSON,
 `json-redos` answers {"a": "aaa…a"} (40 a's, the input that makes
 `^(a+)+X$` backtrack for ages), `words-<n>` answers n words, `numbered-<n>` n distinct words (w0 w1 …),
-`drip-<n>-<ms>` answers n words and streams them one every <ms> milliseconds, anything else answers
+`drip-<n>-<ms>` answers n words and streams them one every <ms> milliseconds, `qwen15-like` fails sampling below
+temperature 0.5 with Qwen1.5's inf/nan error (unless top_k=1), `no-top-k` refuses top_k, anything else answers
 "Hello from <model>". /v1/embeddings answers unit vectors (8 numbers, or `dimensions`) hashed from each input.
 
 Run alone: python -m tests.fake_upstream --port 9101 [--delay-ms 50]"""
@@ -69,6 +70,8 @@ class FakeUpstream:
             message = "Your credit balance is too low" if model.endswith("-credit") else f"failing with {status}"
             code = "account_deactivated" if model.endswith("-deactivated") else None
             return await send_json(send, status, {"error": {"message": message, "type": "server_error", "code": code}})
+        if refusal := _parameter_trouble(model, body):
+            return await send_json(send, *refusal)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if model.startswith("slow-"):
@@ -106,6 +109,20 @@ class FakeUpstream:
         else:
             choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
         await send_json(send, 200, wire.response(head, chat, [choice], usage))
+
+
+def _parameter_trouble(model: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """`qwen15-like`: Qwen1.5 behind a transformers server — sampling below temperature 0.5 (0 included) fails
+    with the inf/nan error, unless top_k=1 asks for the greedy token; `no-top-k` refuses the top_k field."""
+    temperature = body.get("temperature")
+    if (model.startswith("qwen15-like") and isinstance(temperature, int | float) and temperature < 0.5
+            and body.get("top_k") != 1):
+        return 500, {"error": {"message": "RuntimeError: probability tensor contains either `inf`, `nan` or "
+                                          "element < 0", "type": "server_error", "code": None}}
+    if model.startswith("no-top-k") and "top_k" in body:
+        return 400, {"error": {"message": "Unrecognized request argument supplied: top_k",
+                               "type": "invalid_request_error", "param": "top_k", "code": None}}
+    return None
 
 
 async def read_body(scope, receive, send) -> bytes | None:
