@@ -6,19 +6,23 @@ credentials keep being refused."""
 from __future__ import annotations
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 
 from admin import cache, channels, keys, logs, policies, service, stats, tenant_view, tenants, usage
 from admin.dashboard_files import mount_dashboard
 from admin.deps import AdminGuard
 from relay.app import create_app as create_gateway
+from relay.request_context import RequestId
 from relay.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     app = create_gateway(settings, auto_disable=service.auto_disable)
-    # Added after the gateway's body limit, so it runs before it.
-    app.add_middleware(AdminGuard, admin_token=settings.admin_token)
+    # Before the gateway's body limit, but inside its request-id layer (which stays outermost: a refusal of the
+    # guard carries its id too).
+    position = next(i for i, m in enumerate(app.user_middleware) if m.cls is RequestId) + 1
+    app.user_middleware.insert(position, Middleware(AdminGuard, admin_token=settings.admin_token))
     for module in (tenants, keys, channels, policies, cache, usage, logs, stats, tenant_view):
         app.include_router(module.router)
     mount_dashboard(app)

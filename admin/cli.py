@@ -12,13 +12,17 @@ from relay.settings import SecretKeyError, Settings
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from relay.metrics import prepare_multiprocess, remove_multiprocess_dir
+    from relay import metrics_dir
 
-    made = prepare_multiprocess(args.workers)  # before any gateway process imports prometheus-client's values
+    try:  # before any gateway process imports prometheus-client's values
+        made = metrics_dir.prepare(args.workers)
+    except metrics_dir.MetricsDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         return _run_gateway(args, settings)
     finally:
-        remove_multiprocess_dir(made)
+        metrics_dir.remove(made)
 
 
 def _run_gateway(args: argparse.Namespace, settings: Settings) -> int:

@@ -27,7 +27,7 @@ CSV_MAX_ROWS = 100_000  # one export; narrow the filters for more
 _CSV_BATCH = 2_000
 _CSV_COLUMNS = ("id", "created_at", "tenant_id", "key_id", "endpoint", "model", "upstream_model", "channel_id",
                 "stream", "status_code", "error_type", "prompt_tokens", "completion_tokens", "total_tokens",
-                "latency_ms", "cache", "policy", "rewrites")
+                "latency_ms", "cache", "policy", "rewrites", "request_id")
 
 Status = Annotated[str | None, Query(pattern=r"^([1-5]xx|[1-5][0-9][0-9]|error)$")]
 Cache = Annotated[str | None, Query(pattern=r"^(hit|miss|bypass)$")]
@@ -45,12 +45,13 @@ class LogFilter:
     status: Status = None  # 2xx | 4xx | 5xx | error (≥ 400) | an exact code
     cache: Cache = None
     rewritten: bool | None = None
+    request_id: TextFilter = None  # X-Request-Id (indexed)
     since: UtcDateTime | None = None
     until: UtcDateTime | None = None
 
     def apply(self, query: Select) -> Select:
         col = RequestLog
-        for name in ("tenant_id", "key_id", "channel_id", "model", "cache"):
+        for name in ("tenant_id", "key_id", "channel_id", "model", "cache", "request_id"):
             value = getattr(self, name)
             if value is not None:
                 query = query.where(getattr(col, name) == value)

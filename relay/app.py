@@ -32,7 +32,7 @@ from relay.health import database_up, expected_revision, redis_up
 from relay.health import router as health_router
 from relay.lifecycle import Drain
 from relay.limits import RateLimiter
-from relay.metrics import InFlight, RelayMetrics, process_exited
+from relay.metrics import InFlight, RelayMetrics, SharedState, process_exited
 from relay.metrics import router as metrics_router
 from relay.pipeline import Pipeline
 from relay.quota import QuotaLedger
@@ -78,6 +78,9 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
         await asyncio.to_thread(catalog.reload)
         await usage.flush()  # loads the current token totals
         await warm_up()
+        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+            # litellm prints through handlers of its own as well: one line per record, in the relay's log format
+            logging.getLogger(name).handlers.clear()
         redis_state = RedisState(settings.redis_url, state.deployment_id)
         cache = ResponseCache(redis_state)
         config_sync = ConfigSync(catalog, redis_state, settings.config_poll_s)
@@ -100,14 +103,16 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
         drain.install()
         app.state.engine, app.state.catalog, app.state.usage, app.state.cache = engine, catalog, usage, cache
         app.state.config_sync, app.state.redis_state = config_sync, redis_state
-        app.state.schema_revision = await asyncio.to_thread(expected_revision, settings.database_url)
+        app.state.schema_revision, app.state.schema_revisions = await asyncio.to_thread(expected_revision,
+                                                                                        settings.database_url)
         breaker = CircuitBreaker(redis_state, settings.circuit_failures, settings.circuit_cooldown_s)
 
-        async def probe() -> tuple[bool | None, bool, dict[str, bool]]:
+        async def probe() -> SharedState:
             channels = catalog.snapshot.channels
-            cooling = await breaker.cooling(list(channels)) or {}
+            cooling = await breaker.cooling(list(channels)) if redis_state.client is not None else None
             state = await asyncio.gather(redis_up(redis_state), database_up(engine))
-            return state[0], state[1], {c.config.name: cid in cooling for cid, c in channels.items()}
+            circuits = None if cooling is None else {c.config.name: cid in cooling for cid, c in channels.items()}
+            return state[0], state[1], circuits
 
         app.state.metrics_probe = probe
         app.state.pipeline = Pipeline(catalog, accounting, cache, breaker, drain, disable_channel)

@@ -12,13 +12,11 @@ policies know ("other" otherwise); never a key, a tenant or a raw client string.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -37,8 +35,8 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.errors import APIError
+from relay.metrics_dir import MULTIPROC_ENV, dead_processes
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 KNOWN_PARAMS = frozenset({
     "temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "presence_penalty",
@@ -65,24 +63,6 @@ REFUSED = Counter("relay_refusals", "Requests refused by rate limits or token qu
 FAILOVERS = Counter("relay_failovers", "Upstream failures after which the relay tried again or moved on",
                     ["channel"])
 IN_FLIGHT = Gauge("relay_requests_in_flight", "API requests being served", multiprocess_mode="livesum")
-
-
-def prepare_multiprocess(workers: int) -> str | None:
-    """For `serve --workers N` (N > 1): a directory for every process's values, emptied of an earlier run's.
-    Must run before any process imports this module; returns the directory to remove at exit, if made here."""
-    if workers <= 1 and not os.environ.get(MULTIPROC_ENV):
-        return None
-    made = None
-    if not os.environ.get(MULTIPROC_ENV):
-        made = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="policy-relay-metrics-")
-    for stale in Path(os.environ[MULTIPROC_ENV]).glob("*.db"):
-        stale.unlink(missing_ok=True)
-    return made
-
-
-def remove_multiprocess_dir(path: str | None) -> None:
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def process_exited() -> None:
@@ -151,18 +131,20 @@ class InFlight:
             IN_FLIGHT.dec()
 
 
-# Read at scrape time: (redis_up or None when Redis is deliberately off, database_up, {channel name: open})
-StateProbe = Callable[[], Awaitable[tuple[bool | None, bool, dict[str, bool]]]]
+# Read at scrape time: (redis_up or None when Redis is deliberately off, database_up, {channel name: open} or
+# None when Redis cannot say)
+SharedState = tuple[bool | None, bool, dict[str, bool] | None]
+StateProbe = Callable[[], Awaitable[SharedState]]
 
 
 class _SharedState:
     """Gauges of state every process shares, read once per scrape by the process answering it."""
 
-    def __init__(self, state: tuple[bool | None, bool, dict[str, bool]]) -> None:
+    def __init__(self, state: SharedState) -> None:
         self.state = state
 
     def collect(self) -> list[GaugeMetricFamily]:
-        redis_up, database_up, circuits = self.state
+        redis_up, database_up, circuits = self.state  # circuits None: Redis cannot say, so no series
         out = []
         if redis_up is not None:
             out.append(GaugeMetricFamily("relay_redis_up", "1 when Redis answers a PING", value=float(redis_up)))
@@ -171,9 +153,10 @@ class _SharedState:
         circuit = GaugeMetricFamily("relay_channel_circuit_open",
                                     "1 while a channel's circuit is open (it is cooling down, out of routing)",
                                     labels=["channel"])
-        for name, is_open in sorted(circuits.items()):
+        for name, is_open in sorted((circuits or {}).items()):
             circuit.add_metric([name], float(is_open))
-        out.append(circuit)
+        if circuits is not None:
+            out.append(circuit)
         return out
 
 
@@ -181,27 +164,32 @@ router = APIRouter()
 PROBE_EVERY_S = 1.0  # scrapes at any rate cost at most one Redis and one database round trip per second
 
 
-async def _probed(app_state: Any, probe: StateProbe) -> tuple[bool | None, bool, dict[str, bool]]:
-    cached = getattr(app_state, "metrics_probed", None)
+async def once_a_second(holder: Any, name: str, probe: Callable[[], Awaitable[Any]]) -> Any:
+    """probe()'s answer, shared by every caller within PROBE_EVERY_S: concurrent callers await the same run, so
+    any rate of scrapes or health checks costs one probe a second."""
+    cached = getattr(holder, name, None)
     now = time.monotonic()
     if cached is None or now - cached[0] >= PROBE_EVERY_S:
-        cached = app_state.metrics_probed = (now, await probe())
-    return cached[1]
+        cached = (now, asyncio.ensure_future(probe()))
+        setattr(holder, name, cached)
+    return await asyncio.shield(cached[1])
 
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    token = os.environ.get("RELAY_METRICS_TOKEN")
+    token = os.environ.get("RELAY_METRICS_TOKEN", "").strip()
     if token:
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise APIError(401, "GET /metrics needs `Authorization: Bearer <RELAY_METRICS_TOKEN>`.",
-                           "invalid_request_error", None, "invalid_api_key")
+                           "invalid_request_error", None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     probe: StateProbe | None = getattr(request.app.state, "metrics_probe", None)
     shared = CollectorRegistry(auto_describe=False)
     if probe is not None:
-        shared.register(_SharedState(await _probed(request.app.state, probe)))
-    if os.environ.get(MULTIPROC_ENV):
+        shared.register(_SharedState(await once_a_second(request.app.state, "metrics_probed", probe)))
+    if folder := os.environ.get(MULTIPROC_ENV):
+        for pid in dead_processes(folder):  # a killed worker's in-flight requests are not in flight any more
+            multiprocess.mark_process_dead(pid, folder)
         counted = CollectorRegistry()
         multiprocess.MultiProcessCollector(counted)
     else:

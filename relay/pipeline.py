@@ -259,13 +259,16 @@ class Pipeline:
                                 "retry, or use /v1/chat/completions.", "upstream_error", None,
                            "untranslatable_answer") from None
 
+    def _next_try(self, attempt: _Attempt, failures: list[UpstreamError]) -> None:
+        if failures and attempt.channel is not None:  # a failure that another try follows: a failover
+            self.accounting.metrics.failover(attempt.channel.config.id)
+
     async def _channel_failed(self, channel: Channel, exc: UpstreamError) -> bool:
         """Records the failure of the channel itself; True to try the next channel, False when the request
         itself is at fault (then nothing is counted against the channel)."""
         if not exc.retryable:
             return False
         log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
-        self.accounting.metrics.failover(channel.config.id)
         refused_credentials = exc.kind == "upstream_auth"
         if await self.breaker.failed(channel, credentials=refused_credentials):
             # Off the request path: with the database away the write fails, and failover must not.
@@ -287,6 +290,7 @@ class Pipeline:
         to the next one."""
         failures: list[UpstreamError] = []
         for channel in tries(channels, failures):
+            self._next_try(attempt, failures)
             attempt.channel = channel
             request = self._upstream_request(attempt, channel)
             t0 = time.perf_counter()
@@ -308,6 +312,7 @@ class Pipeline:
     async def _stream(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
         failures: list[UpstreamError] = []
         for channel in tries(channels, failures):
+            self._next_try(attempt, failures)
             attempt.channel = channel
             request = self._upstream_request(attempt, channel)
             chunks = (channel.chat_stream_batches if attempt.call.endpoint == "chat"
@@ -320,6 +325,7 @@ class Pipeline:
             except StopAsyncIteration:
                 first = None
             except UpstreamError as exc:
+                self.accounting.metrics.upstream(channel.config.id, time.perf_counter() - t0)
                 failures.append(exc)
                 if await self._channel_failed(channel, exc):
                     continue

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from channels.base import REQUEST_ID
 
 HEADER = b"x-request-id"
-_SANE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fixed pattern, linear time: not a client-supplied regex
+_SANE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # fixed pattern, linear time; "-" means "no request"
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 

@@ -155,3 +155,30 @@ def test_metrics_token_and_readiness_without_redis(tmp_path):
         ready = httpx.get(relay.url + "/health/ready", timeout=10)
         assert ready.status_code == 200 and ready.json()["checks"]["redis"] == "off"
         assert "relay_redis_up" not in httpx.get(relay.url + "/metrics", timeout=10).text
+
+
+def test_metrics_dir_keeps_what_is_not_ours_and_refuses_an_unusable_one(tmp_path, monkeypatch):
+    from relay import metrics_dir
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name in ("counter_12.db", "gauge_livesum_12.db", "histogram_7.db", "relay.db", "precious.db"):
+        (folder / name).write_bytes(b"x")
+    monkeypatch.setenv(metrics_dir.MULTIPROC_ENV, str(folder))
+    assert metrics_dir.prepare(2) is None  # the operator's directory: emptied of our files, not removed
+    assert sorted(p.name for p in folder.iterdir()) == ["precious.db", "relay.db"]
+    (folder / "gauge_livesum_999999999.db").write_bytes(b"x")  # a pid that cannot exist
+    (folder / f"gauge_livesum_{os.getpid()}.db").write_bytes(b"x")
+    assert metrics_dir.dead_processes(str(folder)) == {999999999}
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(metrics_dir.MULTIPROC_ENV, str(blocker / "sub"))
+    with pytest.raises(metrics_dir.MetricsDirError, match="PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir.prepare(2)
+    monkeypatch.delenv(metrics_dir.MULTIPROC_ENV)
+    assert metrics_dir.prepare(1) is None and metrics_dir.MULTIPROC_ENV not in os.environ
+    made = metrics_dir.prepare(2)
+    assert made and os.path.isdir(made) and os.environ[metrics_dir.MULTIPROC_ENV] == made
+    metrics_dir.remove(made)
+    assert not os.path.exists(made)
+    monkeypatch.delenv(metrics_dir.MULTIPROC_ENV)

@@ -43,15 +43,23 @@ def test_request_ids_follow_a_request_and_log_lines_are_json(tmp_path, upstream,
         # Both upstream calls (the failing channel, then the failover) carried the client's id.
         assert [c["request_id"] for c in calls] == ["client-id.42:abc", "client-id.42:abc"]
 
-        for bad in ("x" * 129, "has space", "semi;colon", ""):
+        for bad in ("x" * 129, "has space", "semi;colon", "-", ".dot-first", ""):
             made = _chat(relay, key["key"], "rid-model", bad or None).headers["x-request-id"]
             assert re.fullmatch(r"[0-9a-f]{32}", made), made
         refused = httpx.post(relay.url + "/v1/chat/completions", headers={"X-Request-Id": "no-key-1"}, json={})
         assert refused.status_code == 401 and refused.headers["x-request-id"] == "no-key-1"
         assert httpx.get(relay.url + "/health/live", headers={"X-Request-Id": "probe-7"}).headers[
             "x-request-id"] == "probe-7"
+        guarded = httpx.get(relay.url + "/admin/tenants", headers={"X-Request-Id": "adm-1"})  # the admin guard
+        assert guarded.status_code == 401 and guarded.headers["x-request-id"] == "adm-1"
+        # Each of the seven chats above failed over from `broken` to `good` once; none from `good`.
+        metrics = httpx.get(relay.url + "/metrics").text
+        assert 'relay_failovers_total{channel="broken"} 7.0' in metrics, metrics
+        assert 'relay_failovers_total{channel="good"}' not in metrics
 
-        rows = relay.logs(key["tenant_id"], want=5)
+        rows = relay.logs(key["tenant_id"], want=7)
+        found = relay.ok("GET", "/admin/logs?request_id=client-id.42:abc")["data"]
+        assert [row["request_id"] for row in found] == ["client-id.42:abc"]
         assert "client-id.42:abc" in {row["request_id"] for row in rows}
         assert all(row["request_id"] for row in rows)
 
@@ -74,5 +82,7 @@ def test_plain_log_lines_name_the_request(tmp_path, upstream):
         key = relay.new_key()
         time.sleep(1)
         assert _chat(relay, key["key"], "plain-rid", "plain-id-9").status_code == 502
+        # one channel, nothing tried after its failure: not a failover
+        assert 'relay_failovers_total{channel="down"}' not in httpx.get(relay.url + "/metrics").text
         lines = _lines(relay, "[plain-id-9]")
         assert any("[plain-id-9]" in line and "channel down failed" in line for line in lines), lines[-5:]
