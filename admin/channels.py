@@ -105,8 +105,7 @@ async def probe_channel(channel_id: RowId, request: Request, model: str | None =
     """Sends the parameter probe's grid (admin.probe) straight to this channel, stores the result on the channel,
     and answers the table, the proposed rules and what they make of a temperature-0 request; `apply=true` writes
     the proposal as the policy of each of the channel's models (audited)."""
-    row = await run_in_threadpool(get_or_404, s, Channel, channel_id, "channel")
-    answer = await probe_and_record(s, row, box, model, apply, actor, run_in_threadpool)
+    answer = await probe_and_record(s, channel_id, box, model, apply, actor, run_in_threadpool)
     if apply:
         announce(request)
     return answer

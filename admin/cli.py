@@ -142,7 +142,8 @@ def _channel_probe(args: argparse.Namespace, settings: Settings) -> int:
         row = s.exec(select(Channel).where(Channel.name == args.name)).first()
         if row is None:
             raise not_found(f"No channel is named `{args.name}`.", "name", "channel_not_found")
-        return asyncio.run(probe_and_record(s, row, secret_box(settings), args.model, args.apply, "cli", direct))
+        return asyncio.run(probe_and_record(s, row.id, secret_box(settings), args.model, args.apply, "cli", direct,
+                                            close_connections=True))
 
     return _write(settings, write)
 

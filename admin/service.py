@@ -240,9 +240,10 @@ def delete_policy(s: Session, policy_id: int, actor: str) -> None:
     _remove(s, ModelPolicy, policy_id, "policy", actor)
 
 
-def record_probe(s: Session, row: Channel, result: dict[str, Any]) -> Channel:
+def record_probe(s: Session, channel_id: int, result: dict[str, Any]) -> Channel:
     """Stores a channel's probe result. A measurement, not an edit of the configuration (like the channel
     test): no audit event, no version bump, no reload anywhere."""
+    row = get_or_404(s, Channel, channel_id, "channel")  # read again: the probe took a while
     row.probe, row.probed_at = result, utcnow()
     s.add(row)
     s.commit()
@@ -250,17 +251,24 @@ def record_probe(s: Session, row: Channel, result: dict[str, Any]) -> Channel:
     return row
 
 
-def apply_probed_rules(s: Session, row: Channel, rules: dict[str, Any], actor: str) -> list[ModelPolicy]:
-    """The probe's proposal as the all-tenant policy of each of the channel's models: the one whose pattern is
-    exactly that model is updated (its other rules kept), or one is created; audited like any policy write."""
+def apply_probed_rules(s: Session, models: list[str], rules: dict[str, Any], actor: str) -> list[ModelPolicy]:
+    """The probe's proposal as the all-tenant policy of each model: the one whose pattern is exactly that model is
+    updated — each rule the probe proposes replaces the same fields of the existing one, the rest stays — and
+    enabled, or one is created; audited like any policy write. A merge the schema refuses is a 400."""
     written = []
-    for model in row.models:
+    for model in models:
         existing = s.exec(select(ModelPolicy).where(ModelPolicy.model_pattern == model,
                                                     ModelPolicy.tenant_id.is_(None))).first()  # type: ignore
+        old = dict(existing.rules or {}) if existing is not None else {}
+        merged = {**old, **{k: ({**old[k], **v} if isinstance(v, dict) and isinstance(old.get(k), dict) else v)
+                            for k, v in rules.items()}}
+        try:
+            valid = Rules.model_validate(merged)
+        except ValidationError as exc:
+            raise bad_request(f"The proposal does not fit the existing policy of `{model}`: "
+                              f"{exc.errors()[0]['msg']}; edit that policy first.", "apply") from None
         if existing is None:
-            written.append(create_policy(s, PolicyCreate(model_pattern=model, rules=Rules.model_validate(rules)),
-                                         actor))
+            written.append(create_policy(s, PolicyCreate(model_pattern=model, rules=valid), actor))
         else:
-            merged = Rules.model_validate({**(existing.rules or {}), **rules})
-            written.append(update_policy(s, existing.id, PolicyUpdate(rules=merged), actor))
+            written.append(update_policy(s, existing.id, PolicyUpdate(rules=valid, enabled=True), actor))
     return written

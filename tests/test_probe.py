@@ -96,10 +96,23 @@ def test_classification_and_proposal_rules():
     # temperature 0 fails, top_k too: clamp to the coolest temperature that worked, no greedy rewrite
     outcomes = [Outcome("temperature=0", {"temperature": 0}, "must_be_positive"),
                 Outcome("temperature=1e-05", {"temperature": 1e-5}, "ok"),
-                Outcome("top_k=1", {"top_k": 1}, "rejected"), Outcome("top_p=0", {"top_p": 0}, "error")]
+                Outcome("top_k=1", {"top_k": 1}, "rejected"), Outcome("top_p=0", {"top_p": 0}, "error"),
+                Outcome("top_p=1e-9", {"top_p": 1e-9}, "ok")]
     rules, capabilities = propose(outcomes, None)
     assert rules["temperature"] == {"min": 1e-5} and rules["drop"] == ["top_k"] and rules["top_p"] == {"min": 0.01}
     assert capabilities == {"seeded_determinism": False, "stream_usage": False}
+    # A busy upstream decides nothing: no temperature rule from an undecided sweep, and no floor from a 429.
+    busy = [Outcome("temperature=0.05", {"temperature": 0.05}, "unavailable"),
+            Outcome("temperature=0", {"temperature": 0}, "ok")]
+    assert "temperature" not in propose(busy, None)[0] and "greedy_as" not in propose(busy, None)[0]
+    assert classify(400, "temperature must be > 0.1") == "rejected"  # "> 0.1" is not "must be positive"
+    assert classify(500, "sampling produced NaN or Inf values") == "crash"
+    # Seeds: three equal answers and a different control answer, or nothing is claimed.
+    seeds = [Outcome(f"seed=1234 ({i})", {"seed": 1234}, "ok", text="417") for i in (1, 2, 3)]
+    assert propose([*seeds, Outcome("seed=98765 (control)", {"seed": 98765}, "ok", text="88")], None)[1][
+        "seeded_determinism"]
+    assert not propose([*seeds, Outcome("seed=98765 (control)", {"seed": 98765}, "ok", text="417")], None)[1][
+        "seeded_determinism"]
 
 
 def test_cli_probe_applies_the_same_proposal(relay, upstream):
@@ -117,3 +130,18 @@ def test_cli_probe_applies_the_same_proposal(relay, upstream):
     missing = subprocess.run([sys.executable, "-m", "admin.cli", "channel", "probe", "no-such-channel"], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "No channel is named" in missing.stderr
+
+
+def test_apply_reaches_only_the_models_that_were_asked_and_keeps_their_other_rules(relay, upstream):
+    crashy, other = f"q15m-{time.monotonic_ns()}", f"plain-{time.monotonic_ns()}"
+    channel = add_fake_channel(relay, upstream[1], f"probe-two-{crashy}", [other, crashy],
+                               model_mapping={crashy: "qwen15-like"})
+    kept = relay.ok("POST", "/admin/policies", {"model_pattern": crashy, "enabled": False,
+                                                "rules": {"temperature": {"max": 1.5}, "max_tokens": {"max": 99}}})
+    result = relay.ok("POST", f"/admin/channels/{channel['id']}/probe?model={crashy}&apply=true")
+    assert result["complete"] and result["models"] == [crashy]
+    assert [p["model_pattern"] for p in result["applied"]] == [crashy] and result["applied"][0]["id"] == kept["id"]
+    policy = relay.ok("GET", f"/admin/policies/{kept['id']}")
+    assert policy["enabled"] and policy["rules"]["max_tokens"] == {"max": 99}
+    assert policy["rules"]["temperature"]["max"] == 1.5 and policy["rules"]["temperature"]["min"] == 0.5
+    assert not any(p["model_pattern"] == other for p in relay.ok("GET", "/admin/policies"))
