@@ -175,7 +175,7 @@ async def _bisect(probe: Probe, temps: dict[float, Outcome]) -> float | None:
             low = mid
         else:
             break  # undecided: keep the last verified bounds
-    return math.ceil(high * 100 - 1e-9) / 100 if math.ceil(high * 100 - 1e-9) / 100 <= 2 else high
+    return math.ceil(high * 100 - 1e-9) / 100  # rounded up: never below the value verified to work
 
 
 def _report(probe: Probe, floor: float | None, unreachable: str | None) -> dict[str, Any]:

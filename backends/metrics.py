@@ -8,7 +8,6 @@ updates them. Every series carries `model`, fixed per process, so cardinality st
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from starlette.responses import Response
 
-from backends.wire.errors import APIError
+from backends.wire.errors import require_bearer
 
 if TYPE_CHECKING:
     from backends.engine import Engine, GenRequest, _Row
@@ -181,17 +180,12 @@ def _gauge(name: str, documentation: str, model: str, value: float) -> GaugeMetr
 
 def install_metrics_route(app: FastAPI, registry: CollectorRegistry, token: str | None) -> None:
     """GET /metrics; with a token, only for `Authorization: Bearer <token>` (else an OpenAI-shaped 401)."""
-    expected = token.encode() if token else None
-
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
-        if expected is not None:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            # compare_digest: how long a wrong token matched must not show in the answer's timing
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-                raise APIError(401, "The worker's /metrics needs `Authorization: Bearer <token>` with the token it "
-                               f"was started with (--metrics-token or {TOKEN_ENV}).", "invalid_request_error",
-                               None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if token:
+            require_bearer(request.headers.get("authorization"), token,
+                           "The worker's /metrics needs `Authorization: Bearer <token>` with the token it was "
+                           f"started with (--metrics-token or {TOKEN_ENV}).")
         # Prometheus asks for OpenMetrics in its Accept header; curl and the tests get the classic text format.
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encode(registry), media_type=content_type)

@@ -45,8 +45,6 @@ class ChannelConfig:
         return self.model_mapping.get(model, model)
 
 
-# OpenAI's core generation fields of each endpoint: what every channel receives (relay.passthrough) and what a
-# litellm channel hands litellm as arguments.
 # The id of the request being served (the gateway sets it per request): channels send it upstream as
 # X-Request-Id, so one id follows a request through every hop's logs.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -57,6 +55,8 @@ def request_id_header() -> dict[str, str]:
     return {"X-Request-Id": rid} if rid else {}
 
 
+# OpenAI's core generation fields of each endpoint: what every channel receives (relay.passthrough) and what a
+# litellm channel hands litellm as arguments.
 OPENAI_FIELDS = {
     "chat": frozenset({
         "model", "messages", "temperature", "top_p", "n", "stream", "stream_options", "stop", "max_tokens",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ from sqlalchemy import Engine, text
 from relay.redis_state import RedisState
 
 PROBE_TIMEOUT_S = 2.0
+PROBE_EVERY_S = 1.0  # readiness checks and /metrics' shared gauges: at most one round of probes a second
 WORKER_ENV = "RELAY_READY_WORKER_URL"  # set by `serve --with-worker`: the worker readiness waits for
 
 router = APIRouter()
@@ -62,6 +65,17 @@ async def redis_up(state: RedisState) -> bool | None:
         return False
 
 
+async def once_a_second(holder: Any, name: str, probe: Callable[[], Awaitable[Any]]) -> Any:
+    """probe()'s answer, shared by every caller within PROBE_EVERY_S: concurrent callers await the same run, so
+    any rate of scrapes or health checks costs one probe a second."""
+    cached = getattr(holder, name, None)
+    now = time.monotonic()
+    if cached is None or now - cached[0] >= PROBE_EVERY_S:
+        cached = (now, asyncio.ensure_future(probe()))
+        setattr(holder, name, cached)
+    return await asyncio.shield(cached[1])
+
+
 async def _worker_up(url: str) -> bool:
     try:
         async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
@@ -101,8 +115,6 @@ async def live() -> Response:
 
 @router.get("/health/ready", include_in_schema=False)
 async def ready(request: Request) -> Response:
-    from relay.metrics import once_a_second
-
     state = request.app.state
     # Unauthenticated: any rate of probes costs one database query, one PING (and one worker call) a second.
     checks = await once_a_second(state, "readiness_checked", lambda: readiness(state))

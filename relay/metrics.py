@@ -12,10 +12,7 @@ policies know ("other" otherwise); never a key, a tenant or a raw client string.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,7 +31,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay.errors import APIError
+from backends.wire.errors import require_bearer
+from relay.health import once_a_second
 from relay.metrics_dir import MULTIPROC_ENV, dead_processes
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -161,28 +159,14 @@ class _SharedState:
 
 
 router = APIRouter()
-PROBE_EVERY_S = 1.0  # scrapes at any rate cost at most one Redis and one database round trip per second
-
-
-async def once_a_second(holder: Any, name: str, probe: Callable[[], Awaitable[Any]]) -> Any:
-    """probe()'s answer, shared by every caller within PROBE_EVERY_S: concurrent callers await the same run, so
-    any rate of scrapes or health checks costs one probe a second."""
-    cached = getattr(holder, name, None)
-    now = time.monotonic()
-    if cached is None or now - cached[0] >= PROBE_EVERY_S:
-        cached = (now, asyncio.ensure_future(probe()))
-        setattr(holder, name, cached)
-    return await asyncio.shield(cached[1])
 
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     token = os.environ.get("RELAY_METRICS_TOKEN", "").strip()
     if token:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise APIError(401, "GET /metrics needs `Authorization: Bearer <RELAY_METRICS_TOKEN>`.",
-                           "invalid_request_error", None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        require_bearer(request.headers.get("authorization"), token,
+                       "GET /metrics needs `Authorization: Bearer <RELAY_METRICS_TOKEN>`.")
     probe: StateProbe | None = getattr(request.app.state, "metrics_probe", None)
     shared = CollectorRegistry(auto_describe=False)
     if probe is not None:

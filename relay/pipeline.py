@@ -325,12 +325,12 @@ class Pipeline:
             except StopAsyncIteration:
                 first = None
             except UpstreamError as exc:
-                self.accounting.metrics.upstream(channel.config.id, time.perf_counter() - t0)
                 failures.append(exc)
                 if await self._channel_failed(channel, exc):
                     continue
                 break
-            self.accounting.metrics.upstream(channel.config.id, time.perf_counter() - t0)
+            finally:
+                self.accounting.metrics.upstream(channel.config.id, time.perf_counter() - t0)
             self.accounting.metrics.first_byte(attempt.entry.endpoint, attempt.entry.model,
                                                time.perf_counter() - attempt.call.started)
             await self.breaker.succeeded(channel)

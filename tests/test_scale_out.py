@@ -237,7 +237,7 @@ def test_circuit_opened_on_one_process_is_open_on_the_other(pair, upstream, call
         response = _post(b, key["key"], model)
         assert response.status_code == 200 and response.headers["x-relay-channel"] == ok
     assert failed() == 2, "B still sent requests to the channel A found failing"
-    # /metrics reads shared state at most once a second (relay.metrics.PROBE_EVERY_S)
+    # /metrics reads shared state at most once a second (relay.health.PROBE_EVERY_S)
     _until(lambda: _circuits(b)[flaky] == 1, 2.5, "B's /metrics shows the circuit open")
     assert _circuits(b)[ok] == 0
     _until(lambda: _circuits(a)[flaky] == 1, 2.5, "A's /metrics shows the circuit open")

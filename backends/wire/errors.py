@@ -3,6 +3,7 @@ every failure of an app one of them (a validation error a 400, an oversized body
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
@@ -33,6 +34,15 @@ class APIError(Exception):
     def response(self) -> Response:
         return Response(orjson.dumps(self.body()), status_code=self.status,
                         media_type="application/json", headers=self.headers)
+
+
+def require_bearer(authorization: str | None, token: str, message: str) -> None:
+    """An OpenAI-shaped 401 (with `message`) unless `authorization` is `Bearer <token>` (any case of the scheme;
+    compared in constant time: how long a wrong token matched must not show in the answer's timing)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise APIError(401, message, "invalid_request_error", None, "invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
