@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from sqlalchemy import delete, update
+from sqlalchemy import delete, inspect, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, select
 
@@ -55,6 +55,8 @@ def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[st
     try:
         s.flush()
         if after is None and action != "delete":
+            if inspect(row).expired_attributes:  # set by a SQL expression (a policy's version): read them back
+                s.refresh(row)
             after = snapshot_row(row)
         s.add(AuditEvent(actor=actor, action=action, entity=entity, entity_id=getattr(row, "id", None),
                          before=before, after=after))
@@ -76,7 +78,9 @@ def _edit(s: Session, model: type[Row], row_id: int, entity: str, changes: dict[
     for name, value in changes.items():
         setattr(row, name, value)
     if isinstance(row, ModelPolicy):
-        row.version += 1  # part of the cache key: an edit never serves answers cached under old rules
+        # Part of the cache key: an edit never serves answers cached under old rules. Counted up by the database,
+        # so an edit racing an adaptive step (admin.adaptive) never leaves two rule sets under one version.
+        row.version = ModelPolicy.version + 1
     save(s, action=action, entity=entity, row=row, before=before, actor=actor)
     return row
 
@@ -272,3 +276,31 @@ def apply_probed_rules(s: Session, models: list[str], rules: dict[str, Any], act
         else:
             written.append(update_policy(s, existing.id, PolicyUpdate(rules=valid, enabled=True), actor))
     return written
+
+
+def adapt_temperature(s: Session, policy_id: int, version: int, task: str, value: float,
+                      evidence: dict[str, Any]) -> bool:
+    """One step of `temperature.adaptive`: by_task[task] becomes `value`, audited with its evidence (actor `relay`,
+    action `adapt`) — only if the policy is still enabled at the version the evidence was judged against. Every
+    gateway process runs the adaptive check; the conditional update makes sure a step is taken once. True when
+    this call took it."""
+    row = s.get(ModelPolicy, policy_id)
+    if row is None or row.version != version or not row.enabled:
+        return False
+    before = snapshot_row(row)
+    rules = dict(row.rules)
+    temperature = dict(rules.get("temperature") or {})
+    temperature["by_task"] = {**(temperature.get("by_task") or {}), task: value}
+    rules["temperature"] = temperature
+    Rules.model_validate(rules)  # a step never leaves the schema (it stays within min and max)
+    taken = s.execute(update(ModelPolicy).where(ModelPolicy.id == policy_id, ModelPolicy.version == version)
+                      .values(rules=rules, version=version + 1, updated_at=utcnow()))
+    if taken.rowcount != 1:
+        s.rollback()
+        return False
+    after = {**(before or {}), "rules": rules, "version": version + 1, "evidence": evidence}
+    s.add(AuditEvent(actor="relay", action="adapt", entity="policy", entity_id=policy_id, before=before,
+                     after=after))
+    config_state.bump(s)
+    s.commit()
+    return True

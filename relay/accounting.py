@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from channels.base import REQUEST_ID
@@ -94,6 +94,8 @@ class Entry:
     cache: str = "bypass"  # hit | miss | bypass
     policy: str | None = None
     rewrites: list[dict[str, Any]] | None = None
+    observations: list[Any] = field(default_factory=list)  # relay.insights.Observation per upstream answer
+    insight: dict[str, Any] | None = None  # summed into policy_insights by the log writer
 
 
 class Accounting:
@@ -142,7 +144,7 @@ class Accounting:
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
             "completion_tokens": int(usage.get("completion_tokens") or 0), "total_tokens": tokens,
             "latency_ms": round(latency_ms, 3), "cache": entry.cache, "policy": entry.policy,
-            "rewrites": entry.rewrites or None, "request_id": REQUEST_ID.get(),
+            "rewrites": entry.rewrites or None, "request_id": REQUEST_ID.get(), "insight": entry.insight,
         })
         self.metrics.finished(entry, status, usage, error_type, latency_ms / 1000)
         admission = entry.admission

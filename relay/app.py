@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -56,9 +56,12 @@ async def _every(interval_s: float, job) -> None:
 
 # Writes a channel's auto-disabling (with its audit event) in the caller's session; True when it was enabled.
 AutoDisable = Callable[[Session, int, str], bool]
+# A background job added from outside (e.g. admin.adaptive), run every so many seconds with the started app.
+Chore = tuple[float, Callable[[FastAPI], Awaitable[None]]]
 
 
-def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | None = None,
+               chores: Sequence[Chore] = ()) -> FastAPI:
     """Without `auto_disable`, a channel whose credentials keep being refused is only cooled down."""
     settings = settings or Settings.from_env()
 
@@ -120,6 +123,7 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
                  asyncio.create_task(config_sync.listen_forever()),
                  asyncio.create_task(usage.flush_forever(settings.log_flush_s)),
                  asyncio.create_task(_every(settings.log_flush_s, cache.flush_stats))]
+        tasks += [asyncio.create_task(_every(every_s, _bound(job, app))) for every_s, job in chores]
         app.state.ready = True
         try:
             yield
@@ -147,6 +151,14 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
     app.include_router(health_router)
     app.include_router(metrics_router)
     return app
+
+
+def _bound(job: Callable[[FastAPI], Awaitable[None]], app: FastAPI) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        await job(app)
+
+    run.__name__ = getattr(job, "__qualname__", "chore")  # what a failure's log line names
+    return run
 
 
 def _channel_name(catalog: Catalog, channel_id: int | None) -> str:

@@ -33,6 +33,7 @@ CHECKS_AT_ONCE = 2  # concurrent checks per process (each may take a core for CH
 MAX_PATTERNS = 100  # per schema; more is a 400
 MAX_PATTERN_CHARS = 1000
 MAX_CHECKED_CHARS = 256 * 1024  # a longer answer is judged by parsing alone
+INLINE_PARSE_CHARS = 32 * 1024  # without a schema, answers up to this are parsed on the event loop (~0.1 ms)
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.max_mem = 1 << 20  # per compiled pattern; a larger one is "cannot be checked"
 _RE2_OPTIONS.log_errors = False
@@ -126,14 +127,16 @@ def _pattern_problem(pattern: str) -> str | None:
 
 def answer_ok(response: dict[str, Any], request: dict[str, Any]) -> bool:
     """The first choice's content parses as JSON (and matches the json_schema, when one was given)."""
+    content = _content(response)
+    return content is not None and content_ok(content, response_schema(request))
+
+
+def content_ok(content: str, schema: Any) -> bool:
+    """The text parses as JSON and, when `schema` is one, follows it."""
     try:
-        content = response["choices"][0]["message"]["content"]
         data = json.loads(content)
-    except (KeyError, IndexError, TypeError, ValueError, RecursionError):
+    except (ValueError, RecursionError):
         return False
-    fmt = request.get("response_format")
-    spec = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
-    schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
         return True
     try:
@@ -153,36 +156,48 @@ class _Stopped(BaseException):
 _running = 0  # checks in flight in this process (only the event loop's thread changes it)
 
 
-async def answer_ok_in_time(response: dict[str, Any], request: dict[str, Any]) -> bool:
-    """answer_ok in a thread of its own, stopped when it overruns CHECK_BUDGET_S; an answer that cannot be
-    judged (in time, or because CHECKS_AT_ONCE are running) counts as good."""
-    global _running
+async def answer_verdict(response: dict[str, Any], request: dict[str, Any]) -> bool | None:
+    """Whether the answer is good JSON for this request; None when it could not be judged (in time, or because
+    CHECKS_AT_ONCE are running) — callers that must decide count that as good."""
     content = _content(response)
     if content is None:
         return False
+    return await judge_in_time(content, response_schema(request))
+
+
+async def judge_in_time(content: str, schema: Any, budget_s: float = CHECK_BUDGET_S) -> bool | None:
+    """content_ok in a thread of its own, stopped when it overruns `budget_s` (or its caller is cancelled);
+    None when it could not be judged: out of time, or CHECKS_AT_ONCE running and the text parses."""
+    global _running
     if len(content) > MAX_CHECKED_CHARS:
         return await asyncio.to_thread(_parses, content)
+    if not isinstance(schema, dict) and len(content) <= INLINE_PARSE_CHARS:
+        return _parses(content)  # parsing alone, and short: cheaper than a thread
     if _running >= CHECKS_AT_ONCE:
-        return _parses(content)
+        return None if _parses(content) else False
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[bool] = loop.create_future()
+    done: asyncio.Future[bool | None] = loop.create_future()
 
     def work() -> None:
+        result: bool | None
         try:
-            result = answer_ok(response, request)
+            result = content_ok(content, schema)
         except _Stopped:
-            result = True
+            result = None
         loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
     thread = threading.Thread(target=work, name="json-check", daemon=True)
     _running += 1
     thread.start()
     try:
-        return await asyncio.wait_for(asyncio.shield(done), CHECK_BUDGET_S)
-    except TimeoutError:
-        # Python cannot kill a thread, but it can raise in one: the check stops at its next bytecode.
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stopped))
-        return True
+        return await asyncio.wait_for(asyncio.shield(done), budget_s)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        if thread.is_alive():
+            # Python cannot kill a thread, but it can raise in one: the check stops at its next bytecode.
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stopped))
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return None
     finally:
         _running -= 1
 

@@ -179,3 +179,20 @@ request_stats = Table(
     Column("tenant_id", Integer, primary_key=True),
     *(Column(name, BigInteger, nullable=False, server_default="0") for name in STAT_SUMS + LATENCY_COLUMNS),
 )
+
+# What each policy's answers turned out like, per model, task and temperature, per hour (relay.insights): the
+# evidence behind GET /admin/policies/{id}/insights and `temperature.adaptive`. Written with the request log,
+# in the same transaction, as additive upserts. `bucket` is the temperature sent upstream in hundredths,
+# rounded to 0.05 (0: greedy; -1: none sent, the upstream's default); `source` who chose it: `default` (the
+# policy's default or by_task), `retry` (a JSON retry) or `client`.
+INSIGHT_SUMS = ("requests", "errors", "json_checked", "json_valid", "finish_length", "retries")
+policy_insights = Table(
+    "policy_insights", SQLModel.metadata,
+    Column("policy_id", Integer, primary_key=True),
+    Column("model", String(200), primary_key=True),
+    Column("task", String(20), primary_key=True),
+    Column("source", String(10), primary_key=True),
+    Column("bucket", Integer, primary_key=True),
+    Column("start", UTCDateTime(), primary_key=True),
+    *(Column(name, BigInteger, nullable=False, server_default="0") for name in INSIGHT_SUMS),
+)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from channels.base import OPENAI_FIELDS
+from channels.base import OPENAI_FIELDS, Channel
+from relay.policy import PolicyOutcome
 
 # Sampling and decoding extras (vLLM's and the local worker's): they shape this one answer, bill nothing
 # extra and carry no one's data.
@@ -50,3 +51,17 @@ def _kind(value: Any) -> Any:
     if isinstance(value, bool | int | float):
         return value
     return {str: "<string>", dict: "<object>", list: "<array>"}.get(type(value), "<null>")
+
+
+def upstream_request(endpoint: str, outcome: PolicyOutcome, channel: Channel) -> tuple[dict[str, Any], list]:
+    """What one channel is sent for this request, and the fields it may not receive (as rewrites)."""
+    config = channel.config
+    policy_set = frozenset(r["param"] for r in outcome.rewrites if r["to"] is not None)
+    request, dropped = upstream_fields(endpoint, outcome.request, config.passthrough, policy_set)
+    request["model"] = config.upstream_model(request["model"])
+    if endpoint == "embeddings":
+        request["encoding_format"] = "float"  # the client's encoding is made by the relay, for misses and hits alike
+    if request.get("stream") and channel.capabilities.stream_usage:
+        # Always ask for usage so the log and quota are exact; the client sees it only if it asked.
+        request["stream_options"] = {**(request.get("stream_options") or {}), "include_usage": True}
+    return request, dropped

@@ -22,9 +22,10 @@ from relay.catalog import Catalog
 from relay.circuit import CircuitBreaker
 from relay.errors import APIError, not_found
 from relay.failover import client_error, tries
+from relay.insights import StreamWatch, insight, noter
 from relay.lifecycle import Drain, DrainTimeout
-from relay.passthrough import upstream_fields
-from relay.policy import PolicyOutcome, apply_policy, json_retry, rewrites_header, wants_json_retry
+from relay.passthrough import upstream_request
+from relay.policy import PolicyOutcome, Try, apply_policy, json_retry, rewrites_header, wants_json_retry
 from relay.routing import candidates
 
 log = logging.getLogger("relay.pipeline")
@@ -188,6 +189,7 @@ class Pipeline:
         entry = attempt.entry
         entry.policy = attempt.outcome.ref
         entry.rewrites = attempt.outcome.rewrites + attempt.dropped
+        entry.insight = insight(attempt.outcome, entry, status, error_type)
         return self.accounting.finish(entry, status, usage, error_type)
 
     def _headers(self, attempt: _Attempt) -> dict[str, str]:
@@ -201,32 +203,26 @@ class Pipeline:
     # --- dispatch -------------------------------------------------------------------------------------
 
     def _upstream_request(self, attempt: _Attempt, channel: Channel) -> dict[str, Any]:
-        config = channel.config
-        policy_set = frozenset(r["param"] for r in attempt.outcome.rewrites if r["to"] is not None)
-        request, attempt.dropped = upstream_fields(attempt.call.endpoint, attempt.outcome.request, config.passthrough,
-                                                   policy_set)
-        request["model"] = config.upstream_model(request["model"])
-        attempt.entry.channel_id, attempt.entry.upstream_model = config.id, request["model"]
-        if attempt.call.endpoint == "embeddings":
-            request["encoding_format"] = "float"  # the client's encoding is made here, for misses and hits alike
-        if request.get("stream") and channel.capabilities.stream_usage:
-            # Always ask for usage so the log and quota are exact; the client sees it only if it asked.
-            request["stream_options"] = {**(request.get("stream_options") or {}), "include_usage": True}
+        request, attempt.dropped = upstream_request(attempt.call.endpoint, attempt.outcome, channel)
+        attempt.entry.channel_id, attempt.entry.upstream_model = channel.config.id, request["model"]
         return request
 
     async def _complete(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
         response = await self._call_channels(attempt, channels)
         headers: dict[str, str] = {}
-        answers, answer_ok = [response], True
+        tried: list[Try] = [(attempt.outcome, response, None)]
         constrained = attempt.channel is not None and attempt.channel.capabilities.constrained_decoding
         if attempt.call.endpoint == "chat" and wants_json_retry(attempt.outcome) and not constrained:
             async def ask(outcome: PolicyOutcome) -> dict[str, Any]:
                 attempt.outcome = outcome
                 return await self._call_channels(attempt, channels)
 
-            attempt.outcome, answers, answer_ok = await json_retry(attempt.outcome, response, ask)
-            response = answers[-1]
-            headers["X-Relay-Json-Attempts"] = str(len(answers))
+            tried = await json_retry(attempt.outcome, response, ask, noter(attempt.outcome, attempt.entry.observations))
+            attempt.outcome, response, _ = tried[-1]
+            headers["X-Relay-Json-Attempts"] = str(len(tried))
+        else:
+            noter(attempt.outcome, attempt.entry.observations)(tried[0])
+        answers, answer_ok = [t[1] for t in tried], tried[-1][2] is not False
         usages = [clean_usage(a.get("usage")) for a in answers]
         usage = total_usage(usages)  # every attempt was paid for
         # A hit later costs what this one answer cost; a JSON answer that never parsed is not kept.
@@ -349,6 +345,7 @@ class Pipeline:
         # A streamed JSON answer cannot be retried, so it is not stored either when the policy would retry.
         keep = attempt.store is not None and not wants_json_retry(attempt.outcome)
         assembler = StreamAssembler(attempt.call.endpoint) if keep else None
+        watch = StreamWatch(attempt.outcome) if attempt.outcome.ref is not None else None
         try:
             batch = first
             while batch is not None:
@@ -356,6 +353,8 @@ class Pipeline:
                 for chunk in batch:
                     if assembler is not None:
                         assembler.add(chunk)
+                    if watch is not None:
+                        watch.add(chunk)
                     sent.extend(generated_text(chunk))
                     if chunk.get("usage"):
                         usage = chunk["usage"] = clean_usage(chunk["usage"])
@@ -388,6 +387,8 @@ class Pipeline:
             complete = status == 200 and assembler is not None
             with contextlib.suppress(Exception, asyncio.CancelledError):  # the cache never fails a stream
                 await self._store(attempt, assembler.stored(usage) if complete else None)
+            if watch is not None and status == 200:
+                attempt.entry.observations.append(watch.observation())  # judged later, by the log writer
             if usage is None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     usage = await unreported_usage(attempt.entry, attempt.call.endpoint, attempt.outcome.request,

@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import quote
 
-from relay.json_check import answer_ok_in_time
+from relay.json_check import answer_verdict
 from relay.policy_rules import Bound, Rules
 
 
@@ -267,17 +267,22 @@ def wants_json_retry(outcome: PolicyOutcome) -> bool:
             and isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"))
 
 
+# One try of a request: its outcome, the answer and whether that answer is good (None: not judged, counts as good).
+Try = tuple[PolicyOutcome, dict[str, Any], bool | None]
+
+
 async def json_retry(outcome: PolicyOutcome, response: dict[str, Any],
-                     ask: Callable[[PolicyOutcome], Awaitable[dict[str, Any]]]) -> tuple[PolicyOutcome, list, bool]:
+                     ask: Callable[[PolicyOutcome], Awaitable[dict[str, Any]]],
+                     tried: Callable[[Try], None] = lambda _: None) -> list[Try]:
     """response_format asks for JSON and the policy retries: while the answer does not parse (or match the
-    json_schema), ask again `temperature_step` cooler, down to greedy. Returns the last outcome, every
-    answer in order (each one was paid for) and whether the last answer is good."""
+    json_schema), ask again `temperature_step` cooler, down to greedy. Returns every try in order (each one was
+    paid for), each also handed to `tried` as soon as it is judged (a later try may fail)."""
     retry = outcome.rules.json_retry  # type: ignore[union-attr]
-    answers = [response]
-    ok = await answer_ok_in_time(response, outcome.request)
-    while not ok and len(answers) <= retry.attempts and not is_greedy(outcome.request):
-        outcome = cooler(outcome, len(answers))
+    tries: list[Try] = []
+    while True:
+        tries.append((outcome, response, await answer_verdict(response, outcome.request)))
+        tried(tries[-1])
+        if tries[-1][2] is not False or len(tries) > retry.attempts or is_greedy(outcome.request):
+            return tries
+        outcome = cooler(outcome, len(tries))
         response = await ask(outcome)
-        answers.append(response)
-        ok = await answer_ok_in_time(response, outcome.request)
-    return outcome, answers, ok

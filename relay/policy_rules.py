@@ -37,19 +37,40 @@ class Bound(_Rule):
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
 
+class Adaptive(_Rule):
+    """Opt-in: the relay moves by_task[task] itself, one audited `step` at a time within min and max, toward the
+    warmest temperature whose JSON answers are valid at least `target_validity` of the time — down when the
+    current temperature has `min_sample` judged answers and falls short, up when the next warmer one has as
+    many and meets the target (admin.adaptive)."""
+
+    task: Task
+    target_validity: float = Field(gt=0, le=1)
+    min_sample: int = Field(default=200, ge=5, le=1_000_000)
+    step: float = Field(default=0.1, ge=0.05, le=0.5)
+
+
 class TemperatureRule(Bound):
     min: float | None = Field(default=None, ge=0, le=2)
     max: float | None = Field(default=None, ge=0, le=2)
     default: float | None = Field(default=None, ge=0, le=2)
     greedy_below: float | None = Field(default=None, ge=0, le=2)  # a temperature below this means greedy
     by_task: dict[Task, float] = Field(default_factory=dict)  # defaults per task, within the bounds
+    adaptive: Adaptive | None = None
 
     @model_validator(mode="after")
     def _tasks_in_bounds(self) -> TemperatureRule:
         for task, value in self.by_task.items():
             if not (math.isfinite(value) and 0 <= value <= 2 and self.contains(value)):
                 raise ValueError(f"by_task.{task} must lie within min and max (and 0..2)")
+        if self.adaptive is not None and self.task_default(self.adaptive.task) is None:
+            raise ValueError(f"adaptive needs a temperature to start from: set by_task.{self.adaptive.task} "
+                             "or default")
         return self
+
+    def task_default(self, task: str) -> float | None:
+        """The temperature a request of this task gets when it sends none."""
+        value = self.by_task.get(task)  # type: ignore[call-overload]
+        return value if value is not None else self.default
 
 
 class TopPRule(Bound):

@@ -11,7 +11,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete
+from sqlalchemy import Connection, Table, delete
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.models import LATENCY_COLUMNS, LATENCY_EDGES_MS, STAT_SUMS, request_stats
@@ -31,7 +31,7 @@ def latency_bin(latency_ms: float) -> int:
     return min(bisect.bisect_left(LATENCY_EDGES_MS, latency_ms), len(LATENCY_EDGES_MS) - 1)
 
 
-def _start(created_at: datetime, width: int) -> datetime:
+def bucket_start(created_at: datetime, width: int) -> datetime:
     aware = created_at if created_at.tzinfo else created_at.replace(tzinfo=UTC)
     return datetime.fromtimestamp(int(aware.timestamp()) // width * width, UTC)
 
@@ -48,7 +48,7 @@ def rollup(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         refused_model = entry.get("channel_id") is None and status in (403, 404)
         model = UNKNOWN_MODEL if refused_model else str(entry.get("model") or "")[:200]
         for width in WIDTHS:
-            key = (width, _start(entry["created_at"], width), model, entry.get("channel_id") or 0,
+            key = (width, bucket_start(entry["created_at"], width), model, entry.get("channel_id") or 0,
                    entry.get("tenant_id") or 0)
             row = sums[key]
             for i, value in enumerate(values):
@@ -60,16 +60,20 @@ def rollup(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def add_stats(conn: Connection, logs: list[dict[str, Any]]) -> None:
     """Adds these log rows to request_stats (in the caller's transaction)."""
-    rows = rollup(logs)
+    add_up(conn, request_stats, _KEY, _COUNTS, rollup(logs))
+
+
+def add_up(conn: Connection, table: Table, key: tuple[str, ...], counts: tuple[str, ...],
+           rows: list[dict[str, Any]]) -> None:
+    """An additive upsert of summed rows: a row whose key exists adds its counts to the stored ones."""
     if not rows:
         return
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(request_stats)
+    statement = dialect.insert(table)
     statement = statement.on_conflict_do_update(
-        index_elements=list(_KEY),
-        set_={name: request_stats.c[name] + statement.excluded[name] for name in _COUNTS})
+        index_elements=list(key), set_={name: table.c[name] + statement.excluded[name] for name in counts})
     # Sorted by key, so two processes adding to the same rows lock them in the same order (no deadlock).
-    conn.execute(statement, sorted(rows, key=lambda r: tuple(r[k] for k in _KEY)))
+    conn.execute(statement, sorted(rows, key=lambda r: tuple(r[k] for k in key)))
 
 
 def prune_minutes(conn: Connection, now: datetime) -> int:

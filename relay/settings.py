@@ -40,6 +40,7 @@ class Settings:
     drain_timeout_s: float  # on SIGTERM, open streams get this long to finish
     # Completion tokens reserved against quotas and tpm when a request sets no max_tokens (and no policy caps it)
     output_estimate: int
+    adaptive_every_s: float  # how often policies with temperature.adaptive are checked for a step (admin.adaptive)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -61,4 +62,5 @@ class Settings:
             secret_key_file=os.environ.get("RELAY_SECRET_KEY_FILE") or None,
             drain_timeout_s=_float("RELAY_DRAIN_TIMEOUT_S", 30.0),
             output_estimate=int(_float("RELAY_QUOTA_OUTPUT_ESTIMATE", 1024)),
+            adaptive_every_s=max(_float("RELAY_ADAPTIVE_EVERY_S", 60.0), 0.1),
         )

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, insert, update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
+from relay import insights
 from relay.models import ApiKey, RequestLog, Tenant, utcnow
 from relay.rollup import add_stats, prune_minutes
 
@@ -86,6 +87,7 @@ class UsageRecorder:
             self._inflight_tenant, self._inflight_key = tenant_delta, key_delta
             try:
                 if logs:
+                    await insights.judge(logs)  # JSON answers the insights count, judged here off the request path
                     await asyncio.to_thread(self._insert_logs, logs)
             except Exception as exc:
                 self._logs[:0] = logs  # the database is away: keep them for the next flush
@@ -134,24 +136,24 @@ class UsageRecorder:
 
     def _insert_logs(self, logs: list[dict[str, Any]]) -> None:
         """One batch insert; if the batch fails, row by row, dropping (and reporting) only the rows the
-        database refuses, so a single bad row cannot hold back every log and usage total behind it."""
+        database refuses, so a single bad row cannot hold back every log and usage total behind it. Rows written
+        leave `logs`: if the database goes away halfway, only the rest is retried (none is written twice)."""
         try:
             with Session(self.engine) as s:
-                s.execute(insert(RequestLog), logs)
-                add_stats(s.connection(), logs)  # the dashboard's rollup, in the same transaction
+                _write(s, logs)
                 s.commit()
             return
         except OperationalError:
             raise  # the database is unreachable: keep everything and retry later
         except Exception as exc:
             log.warning("batch of %d logs refused (%s); writing them one by one", len(logs), type(exc).__name__)
-        for entry in logs:
+        for i, entry in enumerate(logs):
             try:
                 with Session(self.engine) as s:
-                    s.execute(insert(RequestLog), [entry])
-                    add_stats(s.connection(), [entry])
+                    _write(s, [entry])
                     s.commit()
             except OperationalError:
+                del logs[:i]  # written or dropped already: the caller keeps only this entry on for the next flush
                 raise
             except Exception as exc:
                 log.error("dropped a request log the database refuses: %s", str(exc).splitlines()[0][:300])
@@ -171,3 +173,12 @@ class UsageRecorder:
     def _prune_stats(self) -> None:
         with self.engine.begin() as conn:
             prune_minutes(conn, utcnow())
+            insights.prune(conn, utcnow())
+
+
+def _write(s: Session, logs: list[dict[str, Any]]) -> None:
+    """The log rows, and in the same transaction what they add to the dashboard's stats and the policy
+    insights (so the three never disagree, and a retried batch never counts twice)."""
+    s.execute(insert(RequestLog), [{k: v for k, v in entry.items() if k != "insight"} for entry in logs])
+    add_stats(s.connection(), logs)
+    insights.add_insights(s.connection(), logs)

@@ -8,7 +8,8 @@ or the error code `account_deactivated`),
 `json-by-temperature` answers broken JSON above temperature 0.5
 (or with none) and valid JSON at or below it, `broken-tool-call` answers a tool call whose arguments are no JSON,
 `json-redos` answers {"a": "aaa…a"} (40 a's, the input that makes
-`^(a+)+X$` backtrack for ages), `words-<n>` answers n words, `numbered-<n>` n distinct words (w0 w1 …),
+`^(a+)+X$` backtrack for ages), `words-<n>` answers n words (`capped-<n>` too, but cut at max_tokens with
+finish_reason length), `numbered-<n>` n distinct words (w0 w1 …),
 `drip-<n>-<ms>` answers n words and streams them one every <ms> milliseconds, `qwen15-like` fails sampling below
 temperature 0.5 with Qwen1.5's inf/nan error (unless top_k=1), `no-top-k` refuses top_k, anything else answers
 "Hello from <model>". /v1/embeddings answers unit vectors (8 numbers, or `dimensions`) hashed from each input.
@@ -44,7 +45,7 @@ class FakeUpstream:
             return '{"answer": "broken' if hot else '{"answer": 42}'
         if model == "json-redos":
             return '{"a": "' + "a" * 40 + '"}'
-        if model.startswith(("words-", "drip-")):
+        if model.startswith(("words-", "drip-", "capped-")):
             return " ".join(["word"] * int(model.split("-")[1]))
         if model.startswith("numbered-"):  # distinct words: LiteLLM stops a stream that repeats one chunk 100 times
             return " ".join(f"w{i}" for i in range(int(model.split("-")[1])))
@@ -82,6 +83,10 @@ class FakeUpstream:
         text = self.reply_text(model, body)
         words = [w + " " for w in text.split(" ")]
         words[-1] = words[-1].rstrip()
+        finish, cap = "stop", body.get("max_tokens")
+        if model.startswith("capped-") and isinstance(cap, int) and len(words) > cap:
+            words, finish = words[:cap], "length"
+            text = "".join(words)
         usage = wire.usage(10**20 if model == "huge-usage" else _count_prompt(body), len(words))
         head = wire.head(chat, model)
         if body.get("stream"):
@@ -93,7 +98,7 @@ class FakeUpstream:
                     await asyncio.sleep(drip_s)
                 piece = {"delta": {"role": "assistant", "content": word}} if chat else {"text": word}
                 await _event(send, wire.chunk(head, chat, [{"index": 0, "finish_reason": None, **piece}]))
-            end = {"index": 0, "finish_reason": "stop", **({"delta": {}} if chat else {"text": ""})}
+            end = {"index": 0, "finish_reason": finish, **({"delta": {}} if chat else {"text": ""})}
             await _event(send, wire.chunk(head, chat, [end]))
             if (body.get("stream_options") or {}).get("include_usage"):
                 await _event(send, wire.chunk(head, chat, [], usage))
@@ -104,10 +109,10 @@ class FakeUpstream:
             choice = {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
                       "finish_reason": "tool_calls", "logprobs": None}
         elif chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                       "logprobs": None}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         await send_json(send, 200, wire.response(head, chat, [choice], usage))
 
 
