@@ -8,7 +8,21 @@ from __future__ import annotations
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
-from admin import adaptive, cache, channels, insights, keys, logs, policies, service, stats, tenant_view, tenants, usage
+from admin import (
+    adaptive,
+    cache,
+    channels,
+    insights,
+    keys,
+    logs,
+    policies,
+    service,
+    stats,
+    tenant_view,
+    tenants,
+    transfer,
+    usage,
+)
 from admin.dashboard_files import mount_dashboard
 from admin.deps import AdminGuard
 from relay.app import create_app as create_gateway
@@ -24,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # guard carries its id too).
     position = next(i for i, m in enumerate(app.user_middleware) if m.cls is RequestId) + 1
     app.user_middleware.insert(position, Middleware(AdminGuard, admin_token=settings.admin_token))
-    for module in (tenants, keys, channels, policies, insights, cache, usage, logs, stats, tenant_view):
+    for module in (tenants, keys, channels, policies, insights, transfer, cache, usage, logs, stats, tenant_view):
         app.include_router(module.router)
     mount_dashboard(app)
     return app

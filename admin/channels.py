@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
 from admin import service
-from admin.crud import get_or_404
+from admin.crud import Paging, get_or_404
 from admin.deps import JSONLimitedRoute, RowId, announce, db_session, require_admin, secret_box
 from admin.probe import probe_and_record
 from admin.schemas import ChannelCreate, ChannelOut, ChannelUpdate
@@ -31,8 +32,14 @@ def create_channel(body: ChannelCreate, request: Request, s: Session = Depends(d
 
 
 @router.get("", response_model=list[ChannelOut])
-def list_channels(s: Session = Depends(db_session), _: str = Depends(require_admin)) -> list[ChannelOut]:
-    return [ChannelOut.of(c) for c in s.exec(select(Channel).order_by(Channel.id)).all()]
+def list_channels(request: Request, response: Response,
+                  status: Literal["enabled", "disabled", "auto_disabled"] | None = None,
+                  type: str | None = Query(None, max_length=50), paging: Paging = Depends(),
+                  s: Session = Depends(db_session), _: str = Depends(require_admin)) -> list[ChannelOut]:
+    """`?status=&type=&q=` (q: in the name), paged (admin.crud.Paging)."""
+    rows = paging.rows(s, select(Channel), Channel, Channel.name, request, response,
+                       ((Channel.status, status), (Channel.type, type)))
+    return [ChannelOut.of(c) for c in rows]
 
 
 @router.get("/{channel_id}", response_model=ChannelOut)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request, Response
 from sqlmodel import Session, select
 
-from admin import service
-from admin.crud import get_or_404
+from admin import bulk, service
+from admin.crud import Paging, get_or_404
 from admin.deps import FilterId, JSONLimitedRoute, RowId, announce, db_session, require_admin
-from admin.schemas import KeyCreate, KeyCreated, KeyOut, KeyUpdate
+from admin.schemas import KeyBatch, KeyCreate, KeyCreated, KeyOut, KeysCreated, KeyUpdate
 from relay.models import ApiKey
 
 router = APIRouter(prefix="/admin/keys", tags=["keys"], route_class=JSONLimitedRoute)
@@ -22,13 +24,22 @@ def create_key(body: KeyCreate, request: Request, s: Session = Depends(db_sessio
     return KeyCreated(**KeyOut.model_validate(key).model_dump(), key=secret)
 
 
+@router.post("/batch", status_code=201, response_model=KeysCreated)
+def create_keys(body: KeyBatch, request: Request, s: Session = Depends(db_session),
+                actor: str = Depends(require_admin)) -> KeysCreated:
+    made = bulk.create_keys(s, body, actor)
+    announce(request)
+    return KeysCreated(data=[KeyCreated(**KeyOut.model_validate(key).model_dump(), key=secret)
+                             for key, secret in made])
+
+
 @router.get("", response_model=list[KeyOut])
-def list_keys(tenant_id: FilterId = None, s: Session = Depends(db_session),
-              _: str = Depends(require_admin)) -> list[ApiKey]:
-    query = select(ApiKey).order_by(ApiKey.id)
-    if tenant_id is not None:
-        query = query.where(ApiKey.tenant_id == tenant_id)
-    return list(s.exec(query).all())
+def list_keys(request: Request, response: Response, tenant_id: FilterId = None,
+              status: Literal["active", "revoked"] | None = None, paging: Paging = Depends(),
+              s: Session = Depends(db_session), _: str = Depends(require_admin)) -> list[ApiKey]:
+    """`?tenant_id=&status=&q=` (q: in the name or the shown prefix), paged (admin.crud.Paging)."""
+    return paging.rows(s, select(ApiKey), ApiKey, ApiKey.name + " " + ApiKey.prefix, request, response,
+                       ((ApiKey.tenant_id, tenant_id), (ApiKey.status, status)))
 
 
 @router.get("/{key_id}", response_model=KeyOut)

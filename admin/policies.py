@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, select
 
 from admin import service
-from admin.crud import get_or_404
-from admin.deps import JSONLimitedRoute, RowId, announce, db_session, require_admin
+from admin.crud import Paging, get_or_404
+from admin.deps import FilterId, JSONLimitedRoute, RowId, announce, db_session, require_admin
 from admin.schemas import INT32_MAX, PolicyCreate, PolicyUpdate
 from backends.wire.requests import ChatRequest, CompletionRequest, EmbeddingRequest, check_body, parse_body
 from relay.dialects import messages, responses
@@ -84,7 +84,7 @@ def explain(body: ExplainBody, request: Request, _: str = Depends(require_admin)
     except APIError as exc:
         raise bad_request(f"request ({endpoint}): {exc.message}", f"request.{exc.param}" if exc.param else "request",
                           exc.code) from None
-    outcome = apply_policy(request.app.state.catalog.snapshot.policies, seen, body.tenant_id, body.task,
+    outcome = apply_policy(request.app.state.catalog.snapshot.policy_index, seen, body.tenant_id, body.task,
                            "embeddings" if endpoint == "embeddings" else "chat")
     return {"endpoint": endpoint, "policy": outcome.ref, "task": outcome.task, "rewrites": outcome.rewrites,
             "notes": outcome.notes, "normalised": seen, "request": outcome.request}
@@ -99,8 +99,12 @@ def create_policy(body: PolicyCreate, request: Request, s: Session = Depends(db_
 
 
 @router.get("", response_model=list[PolicyOut])
-def list_policies(s: Session = Depends(db_session), _: str = Depends(require_admin)) -> list[ModelPolicy]:
-    return list(s.exec(select(ModelPolicy).order_by(ModelPolicy.id)).all())
+def list_policies(request: Request, response: Response, tenant_id: FilterId = None, enabled: bool | None = None,
+                  paging: Paging = Depends(), s: Session = Depends(db_session),
+                  _: str = Depends(require_admin)) -> list[ModelPolicy]:
+    """`?tenant_id=&enabled=&q=` (q: in the model pattern), paged (admin.crud.Paging)."""
+    return paging.rows(s, select(ModelPolicy), ModelPolicy, ModelPolicy.model_pattern, request, response,
+                       ((ModelPolicy.tenant_id, tenant_id), (ModelPolicy.enabled, enabled)))
 
 
 @router.get("/{policy_id}", response_model=PolicyOut)

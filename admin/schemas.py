@@ -129,6 +129,20 @@ class KeyCreate(_KeyFields):
     name: Name = "default"
 
 
+class KeyBatch(KeyCreate):
+    """POST /admin/keys/batch: `count` keys alike (a class, a customer), named `<name>-1` … `<name>-<count>`."""
+
+    count: Annotated[int, Field(ge=1, le=1000)]
+    name: Annotated[str, Field(min_length=1, max_length=190)] = "key"
+
+    @model_validator(mode="after")
+    def _bounded(self) -> KeyBatch:
+        # Every key carries its own copy of the lists (in the database and in every process's memory).
+        if self.count * (len(self.models or ()) + len(self.ip_allow or ())) > 100_000:
+            raise ValueError("count × (models + ip_allow entries) may be at most 100,000")
+        return self
+
+
 class KeyUpdate(_KeyFields, _Patch):
     nullable = frozenset({"models", "ip_allow", "expires_at", "token_quota", "rpm", "tpm"})
     name: Name | None = None
@@ -154,6 +168,10 @@ class KeyOut(_Out):
 
 class KeyCreated(KeyOut):
     key: str  # the secret: shown in this answer only
+
+
+class KeysCreated(BaseModel):
+    data: list[KeyCreated]  # every secret: shown in this answer only
 
 
 # --- channels ------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from admin.schemas import (
 from relay import config_state
 from relay.auth import hash_secret, new_secret, shown_prefix
 from relay.errors import APIError, bad_request, not_found
-from relay.models import ApiKey, AuditEvent, Channel, ModelPolicy, Tenant, utcnow
+from relay.models import ApiKey, AuditEvent, Channel, ConfigDeletion, ModelPolicy, Tenant, utcnow
 from relay.policy_rules import PRESETS, Rules
 from relay.secrets import SecretBox
 
@@ -46,12 +46,17 @@ def parsed(schema: type[Any], **fields: Any) -> Any:
 
 
 def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[str, Any] | None,
-         actor: str, after: dict[str, Any] | None = None) -> None:
-    """Commits the pending change, its audit event and the config-version bump together."""
+         actor: str, after: dict[str, Any] | None = None, deleted: dict[str, list[int]] | None = None) -> None:
+    """Commits the pending change, its audit event and the config-version bump together: the row carries the new
+    version, and a deleted row (with `deleted`, rows removed along with it) leaves a config_deletions record."""
+    version = stamp(s)
     if action != "delete":
         if hasattr(row, "updated_at"):
             row.updated_at = utcnow()
+        row.config_version = version  # type: ignore[attr-defined]
         s.add(row)
+    else:
+        forget(s, version, {**(deleted or {}), entity: [row.id]})  # type: ignore[attr-defined]
     try:
         s.flush()
         if after is None and action != "delete":
@@ -60,7 +65,6 @@ def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[st
             after = snapshot_row(row)
         s.add(AuditEvent(actor=actor, action=action, entity=entity, entity_id=getattr(row, "id", None),
                          before=before, after=after))
-        config_state.bump(s)
         s.commit()
     except IntegrityError as exc:
         s.rollback()
@@ -68,6 +72,20 @@ def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[st
                          "invalid_request_error", "name", "conflict") from exc
     if action != "delete":
         s.refresh(row)
+
+
+def stamp(s: Session) -> int:
+    """The config version this transaction's writes carry, bumped now. Before anything else is written (changes
+    already made to loaded rows wait: no autoflush), so every write locks relay_state first and the row second —
+    one order for all of them, no deadlock between, say, a PATCH and an auto-disable of one channel."""
+    with s.no_autoflush:
+        return config_state.bump(s)
+
+
+def forget(s: Session, version: int, deleted: dict[str, list[int]]) -> None:
+    """Records deleted rows, so processes that reload only what changed drop them too."""
+    s.add_all([ConfigDeletion(entity=entity, row_id=row_id, config_version=version)
+               for entity, ids in deleted.items() for row_id in ids])
 
 
 def _edit(s: Session, model: type[Row], row_id: int, entity: str, changes: dict[str, Any], actor: str,
@@ -85,11 +103,12 @@ def _edit(s: Session, model: type[Row], row_id: int, entity: str, changes: dict[
     return row
 
 
-def _remove(s: Session, model: type[Row], row_id: int, entity: str, actor: str) -> None:
+def _remove(s: Session, model: type[Row], row_id: int, entity: str, actor: str,
+            deleted: dict[str, list[int]] | None = None) -> None:
     row = get_or_404(s, model, row_id, entity)
     before = snapshot_row(row)
     s.delete(row)
-    save(s, action="delete", entity=entity, row=row, before=before, actor=actor)
+    save(s, action="delete", entity=entity, row=row, before=before, actor=actor, deleted=deleted)
 
 
 # --- tenants -------------------------------------------------------------------------------------
@@ -107,9 +126,12 @@ def update_tenant(s: Session, tenant_id: int, body: TenantUpdate, actor: str) ->
 def delete_tenant(s: Session, tenant_id: int, actor: str) -> None:
     """Deletes the tenant with its keys and policies; request logs keep their history."""
     get_or_404(s, Tenant, tenant_id, "tenant")
+    stamp(s)  # relay_state first (see stamp); a key made for this tenant meanwhile waits, and is then refused
+    keys = list(s.exec(select(ApiKey.id).where(ApiKey.tenant_id == tenant_id)).all())
+    policies = list(s.exec(select(ModelPolicy.id).where(ModelPolicy.tenant_id == tenant_id)).all())
     s.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant_id))
     s.execute(delete(ModelPolicy).where(ModelPolicy.tenant_id == tenant_id))
-    _remove(s, Tenant, tenant_id, "tenant", actor)
+    _remove(s, Tenant, tenant_id, "tenant", actor, {"api_key": keys, "policy": policies})
 
 
 def tenant_by_name_or_id(s: Session, ref: str) -> Tenant:
@@ -144,7 +166,7 @@ def revoke_key(s: Session, key_id: int, actor: str) -> ApiKey:
 
 # --- channels ------------------------------------------------------------------------------------
 
-def _sealed(fields: dict[str, Any], box: SecretBox) -> dict[str, Any]:
+def sealed(fields: dict[str, Any], box: SecretBox) -> dict[str, Any]:
     """Secrets are encrypted before they reach a row (and so the database and the audit log); capability
     overrides keep only what the operator set."""
     if isinstance(fields.get("capabilities"), dict):
@@ -157,13 +179,13 @@ def _sealed(fields: dict[str, Any], box: SecretBox) -> dict[str, Any]:
 
 
 def create_channel(s: Session, body: ChannelCreate, actor: str, box: SecretBox) -> Channel:
-    channel = Channel(**_sealed(body.model_dump(exclude_none=True), box))
+    channel = Channel(**sealed(body.model_dump(exclude_none=True), box))
     save(s, action="create", entity="channel", row=channel, before=None, actor=actor)
     return channel
 
 
 def update_channel(s: Session, channel_id: int, body: ChannelUpdate, actor: str, box: SecretBox) -> Channel:
-    return _edit(s, Channel, channel_id, "channel", _sealed(body.model_dump(exclude_unset=True), box), actor)
+    return _edit(s, Channel, channel_id, "channel", sealed(body.model_dump(exclude_unset=True), box), actor)
 
 
 def delete_channel(s: Session, channel_id: int, actor: str) -> None:
@@ -188,14 +210,14 @@ def upsert_local_channel(s: Session, name: str, url: str, model: str, actor: str
 
 def auto_disable(s: Session, channel_id: int, reason: str) -> bool:
     """Sets an enabled channel to auto_disabled (once), audited; False when it was not enabled."""
+    version = stamp(s)
     result = s.execute(update(Channel).where(Channel.id == channel_id, Channel.status == "enabled")
-                       .values(status="auto_disabled", updated_at=utcnow()))
+                       .values(status="auto_disabled", updated_at=utcnow(), config_version=version))
     if not result.rowcount:
         s.rollback()
         return False
     s.add(AuditEvent(actor="relay", action="auto_disable", entity="channel", entity_id=channel_id,
                      before={"status": "enabled"}, after={"status": "auto_disabled", "reason": reason}))
-    config_state.bump(s)
     s.commit()
     return True
 
@@ -216,14 +238,14 @@ def check_tenant(s: Session, tenant_id: int | None) -> None:
         raise not_found(f"No tenant with id {tenant_id}.", "tenant_id", "tenant_not_found")
 
 
-def _stored_rules(rules: Rules | None, preset: str | None) -> dict[str, Any]:
+def stored_rules(rules: Rules | None, preset: str | None) -> dict[str, Any]:
     """What a policy row keeps: the rules given, or the preset's, validated and without unset fields."""
     return (rules or Rules.model_validate(PRESETS[preset or ""])).model_dump(exclude_none=True)
 
 
 def create_policy(s: Session, body: PolicyCreate, actor: str) -> ModelPolicy:
     check_tenant(s, body.tenant_id)
-    policy = ModelPolicy(**body.model_dump(exclude={"rules", "preset"}), rules=_stored_rules(body.rules, body.preset))
+    policy = ModelPolicy(**body.model_dump(exclude={"rules", "preset"}), rules=stored_rules(body.rules, body.preset))
     save(s, action="create", entity="policy", row=policy, before=None, actor=actor)
     return policy
 
@@ -234,7 +256,7 @@ def update_policy(s: Session, policy_id: int, body: PolicyUpdate, actor: str) ->
     if body.rules is not None or body.preset is not None:
         if body.rules is not None and body.preset is not None:
             raise bad_request("Give at most one of `rules` and `preset`.", "rules")
-        changes["rules"] = _stored_rules(body.rules, body.preset)
+        changes["rules"] = stored_rules(body.rules, body.preset)
     if "tenant_id" in changes:
         check_tenant(s, changes["tenant_id"])
     return _edit(s, ModelPolicy, policy_id, "policy", changes, actor)
@@ -293,14 +315,14 @@ def adapt_temperature(s: Session, policy_id: int, version: int, task: str, value
     temperature["by_task"] = {**(temperature.get("by_task") or {}), task: value}
     rules["temperature"] = temperature
     Rules.model_validate(rules)  # a step never leaves the schema (it stays within min and max)
+    config_version = stamp(s)
     taken = s.execute(update(ModelPolicy).where(ModelPolicy.id == policy_id, ModelPolicy.version == version)
-                      .values(rules=rules, version=version + 1, updated_at=utcnow()))
+                      .values(rules=rules, version=version + 1, updated_at=utcnow(), config_version=config_version))
     if taken.rowcount != 1:
         s.rollback()
         return False
     after = {**(before or {}), "rules": rules, "version": version + 1, "evidence": evidence}
     s.add(AuditEvent(actor="relay", action="adapt", entity="policy", entity_id=policy_id, before=before,
                      after=after))
-    config_state.bump(s)
     s.commit()
     return True

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request, Response
 from sqlmodel import Session, select
 
 from admin import service
-from admin.crud import get_or_404
+from admin.crud import Paging, get_or_404
 from admin.deps import JSONLimitedRoute, RowId, announce, db_session, require_admin
 from admin.schemas import TenantCreate, TenantOut, TenantUpdate
 from relay.models import Tenant
@@ -23,8 +25,11 @@ def create_tenant(body: TenantCreate, request: Request, s: Session = Depends(db_
 
 
 @router.get("", response_model=list[TenantOut])
-def list_tenants(s: Session = Depends(db_session), _: str = Depends(require_admin)) -> list[Tenant]:
-    return list(s.exec(select(Tenant).order_by(Tenant.id)).all())
+def list_tenants(request: Request, response: Response, status: Literal["active", "disabled"] | None = None,
+                 paging: Paging = Depends(), s: Session = Depends(db_session),
+                 _: str = Depends(require_admin)) -> list[Tenant]:
+    """`?status=&q=` (q: in the name), paged (admin.crud.Paging)."""
+    return paging.rows(s, select(Tenant), Tenant, Tenant.name, request, response, ((Tenant.status, status),))
 
 
 @router.get("/{tenant_id}", response_model=TenantOut)

@@ -21,10 +21,13 @@ class StateRow:
     config_version: int
 
 
-def bump(session: Session) -> None:
-    """Part of the caller's transaction: the edit and the new version commit together."""
-    session.execute(update(RelayState).where(RelayState.id == 1)
-                    .values(config_version=RelayState.config_version + 1))
+def bump(session: Session) -> int:
+    """Part of the caller's transaction: the edit and the new version commit together. The new version, which the
+    rows the edit writes carry (relay.catalog reloads only rows above the version it holds). The row lock this
+    takes is held until the commit, so versions are committed in the order they were handed out."""
+    return int(session.execute(update(RelayState).where(RelayState.id == 1)
+                               .values(config_version=RelayState.config_version + 1)
+                               .returning(RelayState.config_version)).scalar_one())
 
 
 def read(engine: Engine) -> StateRow:

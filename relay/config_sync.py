@@ -30,7 +30,7 @@ class ConfigSync:
 
     def changed(self) -> None:
         """After an edit made by this process (from a worker thread): reload here, nudge the others."""
-        self.catalog.reload()
+        self.catalog.reload_if_changed()
         if self.state.url is None:
             return
         try:

@@ -35,6 +35,8 @@ class Tenant(SQLModel, table=True):
     tpm: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    # The config version of the write that last touched this row: a process reloads only rows above its own
+    config_version: int = Field(default=0, sa_type=BigInteger, index=True, sa_column_kwargs={"server_default": "0"})
 
 
 class ApiKey(SQLModel, table=True):
@@ -57,6 +59,8 @@ class ApiKey(SQLModel, table=True):
     last_used_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    # The config version of the write that last touched this row: a process reloads only rows above its own
+    config_version: int = Field(default=0, sa_type=BigInteger, index=True, sa_column_kwargs={"server_default": "0"})
 
 
 class Channel(SQLModel, table=True):
@@ -88,6 +92,8 @@ class Channel(SQLModel, table=True):
     probed_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    # The config version of the write that last touched this row: a process reloads only rows above its own
+    config_version: int = Field(default=0, sa_type=BigInteger, index=True, sa_column_kwargs={"server_default": "0"})
 
 
 class ModelPolicy(SQLModel, table=True):
@@ -103,6 +109,8 @@ class ModelPolicy(SQLModel, table=True):
     version: int = 1
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    # The config version of the write that last touched this row: a process reloads only rows above its own
+    config_version: int = Field(default=0, sa_type=BigInteger, index=True, sa_column_kwargs={"server_default": "0"})
 
 
 class RequestLog(SQLModel, table=True):
@@ -131,6 +139,17 @@ class RequestLog(SQLModel, table=True):
     policy: str | None = Field(default=None, max_length=50)  # "id@version"
     rewrites: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     request_id: str | None = Field(default=None, max_length=128, index=True)  # X-Request-Id
+
+
+class ConfigDeletion(SQLModel, table=True):
+    """A deleted configuration row, so that processes reloading only what changed drop it too."""
+
+    __tablename__ = "config_deletions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    entity: str = Field(max_length=20)  # tenant | api_key | channel | policy
+    row_id: int
+    config_version: int = Field(sa_type=BigInteger, index=True)
 
 
 class AuditEvent(SQLModel, table=True):

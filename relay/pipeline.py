@@ -92,7 +92,7 @@ class Pipeline:
         try:
             model = call.body["model"]
             check_model(call.principal, model)
-            attempt.outcome = apply_policy(self.catalog.snapshot.policies, call.body, call.principal.tenant.id,
+            attempt.outcome = apply_policy(self.catalog.snapshot.policy_index, call.body, call.principal.tenant.id,
                                            call.task_header, call.endpoint)
             channels = self.catalog.snapshot.channels_by_model.get(model)
             if not channels:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from relay.json_check import answer_verdict
@@ -223,9 +223,15 @@ def _greedy(w: _Rewriter, rules: Rules, sent: float) -> None:
         w.set("temperature", 0, "temperature.greedy_below")
 
 
-def apply_policy(policies: list[PolicyInfo], request: dict[str, Any], tenant_id: int | None,
+class PolicyFinder(Protocol):
+    def match(self, model: str, tenant_id: int | None) -> PolicyInfo | None: ...
+
+
+def apply_policy(policies: list[PolicyInfo] | PolicyFinder, request: dict[str, Any], tenant_id: int | None,
                  task_header: str | None = None, endpoint: str = "chat") -> PolicyOutcome:
-    policy = match(policies, request["model"], tenant_id)
+    """`policies`: a list, scanned; or an index (relay.policy_index), which the request path uses."""
+    model = request["model"]
+    policy = match(policies, model, tenant_id) if isinstance(policies, list) else policies.match(model, tenant_id)
     if policy is None:
         return PolicyOutcome(request)
     if endpoint == "embeddings":  # nothing is sampled: the rules' sampling parameters have nothing to rewrite
