@@ -3,8 +3,11 @@
 import { html, useState, useRef, useEffect, useApi, useAction, Async, Field, ErrorBox, TableWrap, UsageBar, ConfirmButton } from "../ui.js";
 import { post, patch, del, qs, num, when, splitList, intOrNull } from "../api.js";
 
+const PAGE = 1000; // the admin API's list page: beyond it, search
+
 export function Tenants() {
-  const list = useApi("/admin/tenants");
+  const [q, setQ] = useState("");
+  const list = useApi(`/admin/tenants${qs({ q })}`);
   const [selected, setSelected] = useState(null); // tenant id whose keys are shown
   const [editing, setEditing] = useState(null); // tenant id whose limits are being edited
   const [rowErrors, setRowErrors] = useState({});
@@ -24,8 +27,12 @@ export function Tenants() {
 
   return html`<section aria-labelledby="page-title">
     <h1 id="page-title" tabindex="-1">Tenants & keys</h1>
-    <${Async} state=${list} label="tenants" empty="No tenants yet: create one below.">
-      ${(rows) => html`<${TableWrap} label="Tenants">
+    <form class="toolbar" role="search" onSubmit=${(e) => e.preventDefault()} aria-label="Tenant search">
+      <${Field} label="Search tenants" name="q" type="search" value=${q} onInput=${setQ} />
+    </form>
+    <${Async} state=${list} label="tenants" empty=${q ? "No tenant name contains this." : "No tenants yet: create one below."}>
+      ${(rows) => html`${rows.length >= PAGE ? html`<p class="muted small">The first ${PAGE.toLocaleString()} tenants:
+        search to find the others.</p>` : null}<${TableWrap} label="Tenants">
         <table>
           <thead><tr><th scope="col">Name</th><th scope="col">Status</th><th scope="col">RPM</th><th scope="col">TPM</th>
             <th scope="col">Token quota</th><th scope="col">Used tokens</th><th scope="col">Actions</th></tr></thead>
@@ -136,7 +143,8 @@ function Keys({ tenant, onChange }) {
     <h2 id="keys-title">Keys of ${tenant.name}</h2>
     <${ErrorBox} error=${revokeErr} />
     <${Async} state=${keys} label="keys" empty="This tenant has no keys yet.">
-      ${(rows) => html`<${TableWrap} label=${`Keys of ${tenant.name}`}>
+      ${(rows) => html`${rows.length >= PAGE ? html`<p class="muted small">The first ${PAGE.toLocaleString()} keys
+        (GET /admin/keys pages on with ?after=).</p>` : null}<${TableWrap} label=${`Keys of ${tenant.name}`}>
         <table>
           <thead><tr><th scope="col">Name</th><th scope="col">Prefix</th><th scope="col">Status</th><th scope="col">Models</th>
             <th scope="col">Used / quota</th><th scope="col">Last used</th><th scope="col">Actions</th></tr></thead>
