@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 
 from admin.crud import snapshot_row
 from admin.schemas import ChannelCreate, KeyBatch, PolicyCreate
-from admin.service import sealed, stamp, stored_rules
+from admin.service import next_version, sealed, settled, stamp, stored_rules
 from relay.auth import hash_secret, new_secret, shown_prefix
 from relay.errors import APIError, bad_request, not_found
 from relay.models import ApiKey, AuditEvent, Channel, ModelPolicy, Tenant, utcnow
@@ -103,7 +103,7 @@ def import_config(s: Session, channels: list[ChannelCreate], policies: list[Poli
         else:
             for name, value in fields.items():
                 setattr(row, name, value)
-            row.version += 1  # part of the cache key: answers cached under the old rules are not served
+            next_version(row)
         written.append(("policy", row, before))
     for entity, row, before in written:
         row.config_version, row.updated_at = version, utcnow()
@@ -116,6 +116,6 @@ def import_config(s: Session, channels: list[ChannelCreate], policies: list[Poli
         raise APIError(409, "The import conflicts with an existing row.", "invalid_request_error", None,
                        "conflict") from exc
     s.add_all([AuditEvent(actor=actor, action="import", entity=entity, entity_id=row.id, before=before,
-                          after=snapshot_row(row)) for entity, row, before in written])
+                          after=snapshot_row(settled(s, row))) for entity, row, before in written])
     s.commit()
     return dict(counts)

@@ -57,6 +57,11 @@ def snapshot_row(row: SQLModel | None) -> dict[str, Any] | None:
     return {k: ("***" if k in _SECRET_FIELDS and v is not None else v) for k, v in data.items()}
 
 
+def where_given(query: Any, filters: tuple[tuple[Any, Any], ...]) -> Any:
+    """The query narrowed by each (column, value) pair whose value was given (not None)."""
+    return query.where(*(column == value for column, value in filters if value is not None))
+
+
 class Paging:
     """`?limit=&after=&q=` of an admin list: rows in id order after the cursor `after`, at most `limit` of them
     (so no answer ships a 100,000-key table), optionally only those whose name contains `q` (any case). A
@@ -70,7 +75,7 @@ class Paging:
     def rows(self, s: Session, query: Any, model: Any, name: Any, request: Request, response: Response,
              filters: tuple[tuple[Any, Any], ...] = ()) -> list:
         """`filters`: (column, value) pairs, each applied when its value was given."""
-        query = query.where(*(column == value for column, value in filters if value is not None))
+        query = where_given(query, filters)
         if self.q is not None:
             query = query.where(func.lower(name).contains(self.q.lower(), autoescape=True))
         if self.after is not None:

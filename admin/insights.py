@@ -8,7 +8,6 @@ only."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -17,11 +16,11 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy import func, select
 from sqlmodel import Session
 
-from admin.crud import get_or_404
+from admin.crud import get_or_404, where_given
 from admin.deps import RowId, db_session, require_admin
 from relay.insights import GREEDY, TASKS, UNSET, bucket, temperature_of
 from relay.models import INSIGHT_SUMS, AuditEvent, ModelPolicy, policy_insights, utcnow
-from relay.policy_rules import Rules, TemperatureRule
+from relay.policy_rules import Rules, TemperatureRule, with_task_default
 
 router = APIRouter(prefix="/admin/policies", tags=["policies"])
 
@@ -64,10 +63,7 @@ def read(s: Session, policy_id: int, days: int, *, task: str | None = None, mode
     query = (select(*keys, *(func.sum(t[name]).label(name) for name in INSIGHT_SUMS))
              .where(t.policy_id == policy_id, t.start >= utcnow() - timedelta(days=days))
              .group_by(*keys).order_by(*keys))
-    for column, wanted in ((t.task, task), (t.model, model), (t.source, source)):
-        if wanted is not None:
-            query = query.where(column == wanted)
-    return list(s.execute(query).all())
+    return list(s.execute(where_given(query, ((t.task, task), (t.model, model), (t.source, source)))).all())
 
 
 def cells_by_task(rows: list[Any]) -> dict[str, dict[int, Cell]]:
@@ -76,6 +72,11 @@ def cells_by_task(rows: list[Any]) -> dict[str, dict[int, Cell]]:
     for row in rows:
         tasks.setdefault(row.task, {}).setdefault(row.bucket, Cell()).add(row)
     return tasks
+
+
+def _at(cells: dict[int, Cell], temperature: float) -> Cell:
+    """The sums of the bucket this temperature falls in (empty when nothing was seen there)."""
+    return cells.get(bucket({"temperature": temperature}), Cell())
 
 
 def _said(cell: Cell, temperature: float) -> str:
@@ -105,16 +106,15 @@ def recommend(task: str, rule: TemperatureRule | None, cells: dict[int, Cell], t
         if best is None:
             return None, f"{task}: no default temperature is set and no temperature has {min_sample:,} judged " \
                          f"answers meeting {target:.1%}"
-        return best, f"{task}: {_said(cells[bucket({'temperature': best})], best)} — set by_task.{task} to {best:g}"
-    here = cells.get(bucket({"temperature": current}), Cell())
+        return best, f"{task}: {_said(_at(cells, best), best)} — set by_task.{task} to {best:g}"
+    here = _at(cells, current)
     verdict = here.meets(target, min_sample)
     if verdict is None:
         return None, (f"{task}: {here.json_checked:,} judged answers at the current {current:g}; "
                       f"{min_sample:,} are needed before recommending anything")
     moved = best is not None and bucket({"temperature": best}) != bucket({"temperature": current})
     if best is not None and moved and (not verdict or best > current):
-        there = cells[bucket({"temperature": best})]
-        return best, f"{task}: {_said(here, current)}, {_said(there, best)} — set by_task.{task} to {best:g}"
+        return best, f"{task}: {_said(here, current)}, {_said(_at(cells, best), best)} — set by_task.{task} to {best:g}"
     if verdict:
         return None, f"{task}: {_said(here, current)}, meeting {target:.1%} — keep by_task.{task} at {current:g}"
     return None, (f"{task}: {_said(here, current)}, below {target:.1%}; no other temperature within the rule's "
@@ -129,28 +129,25 @@ def adaptive_step(rule: TemperatureRule, cells: dict[int, Cell]) -> tuple[float,
     assert a is not None
     current = rule.task_default(a.task)
     assert current is not None  # the schema requires a starting point
-    here = cells.get(bucket({"temperature": current}), Cell())
+    here = _at(cells, current)
     verdict = here.meets(a.target_validity, a.min_sample)
     if verdict is False:
         to = max(round(current - a.step, 4), _floor(rule))
         if to >= current or not rule.contains(to):  # at (or, set by hand, below) the floor already
             return None
-        evidence = [here]
+        seen = [(current, here)]
     elif verdict:
         to = round(current + a.step, 4)
-        there = cells.get(bucket({"temperature": to}), Cell())
+        there = _at(cells, to)
         if not rule.contains(to) or to > 2 or not there.meets(a.target_validity, a.min_sample):
             return None
-        evidence = [here, there]
+        seen = [(current, here), (to, there)]
     else:
         return None
-    if to == current:
-        return None
-    temperatures = (current, to)
     return to, {"task": a.task, "from": current, "to": to, "target_validity": a.target_validity,
                 "min_sample": a.min_sample,
                 "seen": [{"temperature": t, "json_checked": c.json_checked, "json_valid": c.json_valid}
-                         for t, c in zip(temperatures, evidence, strict=False)]}
+                         for t, c in seen]}
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -185,11 +182,7 @@ def insights(policy_id: RowId, days: int = Query(WINDOW_DAYS, ge=1, le=30),
             value, why = None, f"{task}: no JSON answers were judged; nothing to recommend on"
         elif task not in TASKS:
             value, why = None, f"{task}: requests under task names the rules do not know; no by_task to set"
-        suggested = None
-        if value is not None:
-            suggested = copy.deepcopy(policy.rules)
-            temperature = suggested["temperature"] = dict(suggested.get("temperature") or {})
-            temperature["by_task"] = {**(temperature.get("by_task") or {}), task: value}
+        suggested = with_task_default(policy.rules, task, value) if value is not None else None
         tasks.append({"task": task, "current": rule.task_default(task) if rule else None,
                       "target_validity": want, "min_sample": need, "recommendation": value, "reason": why,
                       "rules": suggested,  # PATCH /admin/policies/{id} with {"rules": …} applies it

@@ -29,7 +29,7 @@ from relay import config_state
 from relay.auth import hash_secret, new_secret, shown_prefix
 from relay.errors import APIError, bad_request, not_found
 from relay.models import ApiKey, AuditEvent, Channel, ConfigDeletion, ModelPolicy, Tenant, utcnow
-from relay.policy_rules import PRESETS, Rules
+from relay.policy_rules import PRESETS, Rules, with_task_default
 from relay.secrets import SecretBox
 
 Row = TypeVar("Row", bound=SQLModel)
@@ -60,9 +60,7 @@ def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[st
     try:
         s.flush()
         if after is None and action != "delete":
-            if inspect(row).expired_attributes:  # set by a SQL expression (a policy's version): read them back
-                s.refresh(row)
-            after = snapshot_row(row)
+            after = snapshot_row(settled(s, row))
         s.add(AuditEvent(actor=actor, action=action, entity=entity, entity_id=getattr(row, "id", None),
                          before=before, after=after))
         s.commit()
@@ -72,6 +70,20 @@ def save(s: Session, *, action: str, entity: str, row: SQLModel, before: dict[st
                          "invalid_request_error", "name", "conflict") from exc
     if action != "delete":
         s.refresh(row)
+
+
+def settled(s: Session, row: Row) -> Row:
+    """The flushed row with what a SQL expression set (a policy's version, counted by the database) read back."""
+    if inspect(row).expired_attributes:
+        s.refresh(row)
+    return row
+
+
+def next_version(row: ModelPolicy) -> None:
+    """A policy's version is part of the cache key: an edit never serves answers cached under old rules. Counted
+    up by the database, so an edit racing an adaptive step (admin.adaptive) never leaves two rule sets under one
+    version."""
+    row.version = ModelPolicy.version + 1  # type: ignore[assignment]
 
 
 def stamp(s: Session) -> int:
@@ -96,9 +108,7 @@ def _edit(s: Session, model: type[Row], row_id: int, entity: str, changes: dict[
     for name, value in changes.items():
         setattr(row, name, value)
     if isinstance(row, ModelPolicy):
-        # Part of the cache key: an edit never serves answers cached under old rules. Counted up by the database,
-        # so an edit racing an adaptive step (admin.adaptive) never leaves two rule sets under one version.
-        row.version = ModelPolicy.version + 1
+        next_version(row)
     save(s, action=action, entity=entity, row=row, before=before, actor=actor)
     return row
 
@@ -310,10 +320,7 @@ def adapt_temperature(s: Session, policy_id: int, version: int, task: str, value
     if row is None or row.version != version or not row.enabled:
         return False
     before = snapshot_row(row)
-    rules = dict(row.rules)
-    temperature = dict(rules.get("temperature") or {})
-    temperature["by_task"] = {**(temperature.get("by_task") or {}), task: value}
-    rules["temperature"] = temperature
+    rules = with_task_default(row.rules, task, value)
     Rules.model_validate(rules)  # a step never leaves the schema (it stays within min and max)
     config_version = stamp(s)
     taken = s.execute(update(ModelPolicy).where(ModelPolicy.id == policy_id, ModelPolicy.version == version)

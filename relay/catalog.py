@@ -135,21 +135,19 @@ class Changes:
 
 def read_changes(engine: Engine, since: int | None) -> Changes:
     """Plain rows, not ORM objects: a 100,000-key catalog is read in well under a second."""
+    def changed(columns: tuple, version: Any) -> Any:
+        return select(*columns) if since is None else select(*columns).where(version > since)
+
     with engine.connect() as conn:
         def rows(columns: tuple, version: Any) -> list[Any]:
-            query = select(*columns)
-            return list(conn.execute(query if since is None else query.where(version > since)).all())
+            return list(conn.execute(changed(columns, version)).all())
 
         deleted: dict[str, set[int]] = {}
         if since is not None:
-            for entity, row_id in conn.execute(select(ConfigDeletion.entity, ConfigDeletion.row_id)
-                                               .where(ConfigDeletion.config_version > since)):
+            for entity, row_id in rows((ConfigDeletion.entity, ConfigDeletion.row_id), ConfigDeletion.config_version):
                 deleted.setdefault(entity, set()).add(row_id)
-        keys_query = select(*_KEY_COLUMNS)
-        if since is not None:
-            keys_query = keys_query.where(ApiKey.config_version > since)
-        keys = [(row[3], _key_info(row)) for batch in conn.execution_options(yield_per=2000).execute(keys_query)
-                .partitions() for row in batch]
+        keys = [(row[3], _key_info(row)) for batch in conn.execution_options(yield_per=2000)
+                .execute(changed(_KEY_COLUMNS, ApiKey.config_version)).partitions() for row in batch]
         return Changes(rows(_TENANT_COLUMNS, Tenant.config_version), keys,
                        rows(tuple(ChannelRow.__table__.c), ChannelRow.config_version),
                        rows(_POLICY_COLUMNS, ModelPolicy.config_version), deleted)

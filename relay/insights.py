@@ -24,7 +24,7 @@ from sqlalchemy import Connection, delete
 
 from relay.json_check import judge_in_time, response_schema
 from relay.models import INSIGHT_SUMS, policy_insights
-from relay.policy import PolicyOutcome, Try, is_greedy
+from relay.policy import PolicyOutcome, Try, asks_for_json, is_greedy
 from relay.policy_rules import Task
 from relay.rollup import add_up, bucket_start
 
@@ -55,11 +55,6 @@ def bucket(request: dict[str, Any]) -> int:
 
 def temperature_of(bucket_value: int) -> float | None:
     return None if bucket_value == UNSET else bucket_value / 100
-
-
-def wants_json(request: dict[str, Any]) -> bool:
-    fmt = request.get("response_format")
-    return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
 
 
 def source(outcome: PolicyOutcome) -> str:
@@ -116,7 +111,7 @@ def note(observations: list[Observation], tried: Try) -> None:
     outcome, answer, verdict = tried
     request = outcome.request
     seen = Observation(bucket(request), source(outcome), finish_length=_cut_off(answer))
-    if wants_json(request):
+    if asks_for_json(request):
         if verdict is not None and not seen.finish_length:
             seen.json_valid = verdict
         elif verdict is None:
@@ -139,7 +134,7 @@ class StreamWatch:
 
     def __init__(self, outcome: PolicyOutcome) -> None:
         self.outcome = outcome
-        self.text: list[str] | None = [] if wants_json(outcome.request) else None
+        self.text: list[str] | None = [] if asks_for_json(outcome.request) else None
         self.size = 0
         self.length = False
 

@@ -98,8 +98,7 @@ def detect_task(request: dict[str, Any], header: str | None) -> str:
     explicit = header or (metadata.get("task") if isinstance(metadata, dict) else None)
     if isinstance(explicit, str) and explicit.strip():
         return explicit.strip().lower()
-    response_format = request.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+    if asks_for_json(request):
         return "json"
     if request.get("tools") or request.get("functions"):
         return "tools"
@@ -266,11 +265,16 @@ def is_greedy(request: dict[str, Any]) -> bool:
     return request.get("temperature") == 0 or request.get("top_k") == 1 or request.get("do_sample") is False
 
 
+def asks_for_json(request: dict[str, Any]) -> bool:
+    """`response_format` asks for a JSON answer (json_object or json_schema)."""
+    fmt = request.get("response_format")
+    return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+
+
 def wants_json_retry(outcome: PolicyOutcome) -> bool:
     rules = outcome.rules
-    fmt = outcome.request.get("response_format")
     return (rules is not None and rules.json_retry is not None and rules.json_retry.attempts > 0
-            and isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"))
+            and asks_for_json(outcome.request))
 
 
 # One try of a request: its outcome, the answer and whether that answer is good (None: not judged, counts as good).

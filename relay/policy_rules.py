@@ -147,6 +147,13 @@ class Rules(_Rule):
         return params
 
 
+def with_task_default(rules: dict, task: str, value: float) -> dict:
+    """Stored rules (a policy row's JSON) with temperature.by_task[task] set to `value`, the rest as it was."""
+    temperature = dict(rules.get("temperature") or {})
+    temperature["by_task"] = {**(temperature.get("by_task") or {}), task: value}
+    return {**rules, "temperature": temperature}
+
+
 PRESETS: dict[str, dict] = {
     # Qwen1.5 crashes sampling below ~0.5 (reference article 000): floor it, and let 0 mean greedy the way
     # Qwen's own openai_api.py does it (top_k=1), which never divides by a tiny temperature.
