@@ -12,8 +12,12 @@ from relay.settings import SecretKeyError, Settings
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from relay import metrics_dir
+    import os
 
+    from relay import metrics_dir
+    from relay.settings import PROCESSES_ENV
+
+    os.environ[PROCESSES_ENV] = str(max(1, args.workers))  # each process takes its part of a channel's max_inflight
     try:  # before any gateway process imports prometheus-client's values
         made = metrics_dir.prepare(args.workers)
     except metrics_dir.MetricsDirError as exc:

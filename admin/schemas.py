@@ -73,20 +73,25 @@ TextFilter = Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")]
 
 # --- tenants -------------------------------------------------------------------------------------
 
+Priority = Annotated[int, Field(ge=1, le=1000)]
+
+
 class TenantCreate(_In):
     name: Name
     rpm: PerMinute | None = None
     tpm: PerMinute | None = None
     token_quota: Tokens | None = None
+    priority: Priority | None = None  # weight of its share of a busy gateway's slots; unset: 1
 
 
 class TenantUpdate(_Patch):
-    nullable = frozenset({"rpm", "tpm", "token_quota"})
+    nullable = frozenset({"rpm", "tpm", "token_quota", "priority"})
     name: Name | None = None
     status: Literal["active", "disabled"] | None = None
     rpm: PerMinute | None = None
     tpm: PerMinute | None = None
     token_quota: Tokens | None = None
+    priority: Priority | None = None
 
 
 class TenantOut(_Out):
@@ -96,6 +101,7 @@ class TenantOut(_Out):
     rpm: int | None
     tpm: int | None
     token_quota: int | None
+    priority: int | None = None
     used_tokens: int
     created_at: datetime
     updated_at: datetime
@@ -191,6 +197,7 @@ class _ChannelFields(_In):
     weight: NonNegative | None = None
     timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     retries: Annotated[int, Field(ge=0, le=10)] | None = None
+    max_inflight: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     options: dict[str, Any] | None = None
     capabilities: CapabilityOverrides | None = None
 
@@ -234,7 +241,7 @@ class ChannelCreate(_ChannelFields):
 
 
 class ChannelUpdate(_ChannelFields, _Patch):
-    nullable = frozenset({"base_url", "api_key", "passthrough"})
+    nullable = frozenset({"base_url", "api_key", "passthrough", "max_inflight"})
     name: Name | None = None
     type: str | None = None
     models: Annotated[list[ModelName], Field(min_length=1)] | None = None
@@ -258,6 +265,7 @@ class ChannelOut(_Out):
     status: str
     timeout_s: float
     retries: int
+    max_inflight: int | None = None
     options: dict[str, Any]
     capabilities: dict[str, Any]
     passthrough: list[str] | None

@@ -132,7 +132,7 @@ def _labels(request: Request, group_by: str) -> dict[Any, str]:
 async def circuits(request: Request, _: str = Depends(require_admin)) -> dict:
     """Channels whose circuit is open (cooling down after repeated failures) in every gateway process."""
     channels = request.app.state.catalog.snapshot.channels
-    cooling = await request.app.state.pipeline.breaker.cooling(sorted(channels))
+    cooling = await request.app.state.pipeline.dispatch.breaker.cooling(sorted(channels))
     if cooling is None:
         return {"object": "list", "data": [], "redis": "unavailable"}
     return {"object": "list", "data": [{"channel_id": cid, "name": channels[cid].config.name,

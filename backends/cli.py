@@ -21,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (bfloat16 on CUDA, float32 on CPU; float32 for an embedding model), float16, ...")
     parser.add_argument("--max-batch", type=int, default=32,
                         help="sequences decoded together (an embedding model: inputs per forward)")
+    parser.add_argument("--max-waiting", type=_non_negative, default=None,
+                        help="sequences (prompts x n) that may wait beside a full batch; a request that would go "
+                             "beyond is refused at once with 503 `overloaded` and a Retry-After estimated from the "
+                             "worker's tokens/s. 0: none wait beyond the batch (an idle worker still takes any one "
+                             "request). Default: 4 x --max-batch. Generation models only")
     parser.add_argument("--max-prefill-tokens", type=int, default=None,
                         help="new prompt tokens prefilled per step; the rest wait a step, so a burst of arrivals "
                              "starts in groups and running streams keep moving (default: 96 on CPU, 2048 on CUDA)")
@@ -29,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GET /metrics then needs `Authorization: Bearer <token>` (default: $WORKER_METRICS_TOKEN; "
                              "unset: /metrics is open). The environment keeps it out of `ps`")
     parser.add_argument("--log-level", default="info")
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     lm = load(args.model, device=args.device, dtype=args.dtype)
     logging.getLogger("backends").info("worker serving %s on %s (%s)", lm.name, lm.device, lm.dtype)
     uvicorn.run(create_worker_app(lm, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
-                                  max_body_mb=args.max_body_mb, metrics_token=args.metrics_token), host=args.host,
-                port=args.port, log_level=args.log_level, access_log=False)
+                                  max_body_mb=args.max_body_mb, metrics_token=args.metrics_token,
+                                  max_waiting=args.max_waiting), host=args.host, port=args.port,
+                log_level=args.log_level, access_log=False)
     return 0
 
 

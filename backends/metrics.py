@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.responses import Response
 
+from backends.admission import TokenRate
 from backends.wire.errors import require_bearer
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class RequestTimes:
     """One engine request's clock readings (time.perf_counter), kept on the request itself: nothing to clean up when
     a request is cancelled and never finishes."""
     submitted: float
+    started: float = 0.0  # its prefill's start; 0: still waiting
     last_token: float = 0.0  # 0: no token yet
 
 
@@ -82,10 +84,17 @@ class _EngineGauges(Collector):
 class EngineMetrics(EngineObserver):
     """The generation worker's metrics; the engine calls it (EngineObserver), the server reports finished requests."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, max_waiting: int | None = None) -> None:
         self.model = model
         self.registry = CollectorRegistry()
+        self.throughput = TokenRate()  # tokens/s lately, for the Retry-After of a refusal (backends.admission)
         labels, r = ["model"], self.registry
+        self.rejected = Counter("worker_requests_rejected", "Requests refused before reaching the engine, by reason "
+                                "(overloaded: the waiting queue was full, --max-waiting).", [*labels, "reason"],
+                                registry=r).labels(model, "overloaded")
+        if max_waiting is not None:
+            Gauge("worker_num_requests_waiting_limit", "Sequences that may wait beside a full batch before requests "
+                  "are refused (--max-waiting).", labels, registry=r).labels(model).set(max_waiting)
         self._prompt = Counter("worker_prompt_tokens", "Prompt tokens prefilled (per sequence: with n > 1 each "
                                "choice's prompt counts).", labels, registry=r).labels(model)
         self._generation = Counter("worker_generation_tokens", "Tokens sampled (those of sequences cancelled later "
@@ -119,6 +128,7 @@ class EngineMetrics(EngineObserver):
         now = time.perf_counter()
         for req in reqs:
             if req.timing is not None:
+                req.timing.started = now
                 self._queue.observe(now - req.timing.submitted)
         self._prompt.inc(sum(len(req.prompt_ids) for req in reqs))
 
@@ -129,6 +139,7 @@ class EngineMetrics(EngineObserver):
         # Per row: one clock value shared by the step, one observe. Nothing allocated but the floats.
         now = time.perf_counter()
         self._generation.inc(len(rows))
+        self.throughput.add(len(rows), now)
         for row in rows:
             times = row.req.timing
             if times is None:

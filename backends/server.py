@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from backends import answers
+from backends.admission import Admission, Ticket, default_max_waiting, queue_timing, sequences
 from backends.answers import ChoiceBuilder
 from backends.engine import DoneEvent, Engine, GenRequest
 from backends.grammar import GrammarError, Grammars
@@ -27,8 +28,23 @@ from backends.wire.event_stream import EventStreamResponse
 from backends.wire.requests import parse_body
 
 
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+class _SubmittedStream(EventStreamResponse):
+    """A stream whose engine requests are already submitted: however the response ends (even before its body
+    starts, when the client left at once), `close` cancels them and gives their admission back."""
+
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str], close: Callable[[], None]) -> None:
+        super().__init__(content, headers)
+        self.close = close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.close()
 
 
 class Worker:
@@ -49,7 +65,8 @@ class Worker:
         return [ChoiceBuilder(i, chat, plan, self.vocab, prompt_texts[i // plan.n])
                 for i in range(len(plan.prompts) * plan.n)]
 
-    async def collect(self, req: GenRequest, builder: ChoiceBuilder, request: Request) -> ChoiceBuilder:
+    async def collect(self, req: GenRequest, builder: ChoiceBuilder, request: Request,
+                      ticket: Ticket) -> ChoiceBuilder:
         """Run one request to the end; cancels it if the client goes away."""
         events = self.engine.submit(req)
         checked = time.monotonic()
@@ -68,6 +85,7 @@ class Worker:
                     continue
                 answers.apply(builder, event)
                 if isinstance(event, DoneEvent):
+                    ticket.done(None if event.finish_reason == "error" else event.completion_tokens)
                     self.metrics.finished(req, builder.finish_reason)
                     return builder
         except (asyncio.CancelledError, APIError):
@@ -75,12 +93,26 @@ class Worker:
             raise
 
 
+async def _first_event(events: asyncio.Queue, request: Request) -> Any:
+    """The next event; a 499 if the client leaves meanwhile (checked every half second)."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), timeout=0.5)
+        except TimeoutError:
+            if await request.is_disconnected():
+                raise APIError(499, "The client closed the request.", "invalid_request_error") from None
+
+
 def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: int | None = None,
-                      max_body_mb: float = 16, metrics_token: str | None = None) -> FastAPI:
-    """`metrics_token`: GET /metrics then needs `Authorization: Bearer <token>`."""
+                      max_body_mb: float = 16, metrics_token: str | None = None,
+                      max_waiting: int | None = None) -> FastAPI:
+    """`metrics_token`: GET /metrics then needs `Authorization: Bearer <token>`. `max_waiting`: sequences that
+    may wait beside a full batch (default 4 × max_batch); more are refused with a 503 (backends.admission)."""
     vocab = Vocab(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0])
     grammars = Grammars(vocab, sorted(lm.eos_token_ids))
-    metrics = EngineMetrics(lm.name)
+    max_waiting = default_max_waiting(max_batch) if max_waiting is None else max_waiting
+    metrics = EngineMetrics(lm.name, max_waiting=max_waiting)
+    admission = Admission(max_batch, max_waiting, metrics.throughput, metrics.rejected.inc)
     engine = Engine(lm, grammars, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, observer=metrics)
     metrics.watch(engine)
     worker = Worker(lm, engine, vocab, metrics)
@@ -134,28 +166,36 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: 
     async def respond(request: Request, schema: type, make_plan: Any, chat: bool) -> Response:
         body = parse_body(await request.body(), schema)
         check_model(body)
-        # Tokenising and rendering the template (and compiling a grammar) take CPU: not on the event loop.
-        plan: Plan = await asyncio.to_thread(make_plan, body, lm)
-        grammar = None
-        if plan.constraint is not None:
-            try:
-                grammar = await asyncio.to_thread(grammars.compile, plan.constraint)
-            except GrammarError as exc:
-                raise bad_request(f"The constraint cannot be compiled: {exc}", plan.constraint.param) from None
-        reqs = worker.requests(plan, grammar)
-        prompt_texts = _prompt_texts(body, plan, lm) if plan.echo else [""] * len(plan.prompts)
-        builders = worker.builders(plan, chat, prompt_texts)
-        head = wire.head(chat, body["model"])
-        prompt_tokens = sum(len(p) for p in plan.prompts)
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return EventStreamResponse(stream(reqs, builders, head, chat, prompt_tokens, include_usage))
+        ticket = admission.admit(sequences(body))  # before any rendering or tokenising: a refusal stays cheap
+        streaming = False
         try:
-            await asyncio.gather(*(worker.collect(r, b, request) for r, b in zip(reqs, builders, strict=True)))
-        except (asyncio.CancelledError, APIError):
-            for r in reqs:
-                r.cancelled = True
-            raise
+            # Tokenising and rendering the template (and compiling a grammar) take CPU: not on the event loop.
+            plan: Plan = await asyncio.to_thread(make_plan, body, lm)
+            grammar = None
+            if plan.constraint is not None:
+                try:
+                    grammar = await asyncio.to_thread(grammars.compile, plan.constraint)
+                except GrammarError as exc:
+                    raise bad_request(f"The constraint cannot be compiled: {exc}", plan.constraint.param) from None
+            reqs = worker.requests(plan, grammar)
+            prompt_texts = _prompt_texts(body, plan, lm) if plan.echo else [""] * len(plan.prompts)
+            builders = worker.builders(plan, chat, prompt_texts)
+            head = wire.head(chat, body["model"])
+            prompt_tokens = sum(len(p) for p in plan.prompts)
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                streaming = True  # from here the stream gives the ticket back
+                return await start_stream(request, reqs, builders, head, chat, prompt_tokens, include_usage, ticket)
+            try:
+                await asyncio.gather(*(worker.collect(r, b, request, ticket)
+                                       for r, b in zip(reqs, builders, strict=True)))
+            except (asyncio.CancelledError, APIError):
+                for r in reqs:
+                    r.cancelled = True
+                raise
+        finally:
+            if not streaming:
+                ticket.close()
         if any(b.done is None or b.done.finish_reason == "error" for b in builders):
             raise APIError(500, "The worker failed while generating; retry.", "server_error")
         completion_tokens = sum(b.done.completion_tokens for b in builders)
@@ -163,21 +203,51 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: 
                                wire.usage(prompt_tokens, completion_tokens))
         if chat and (prompt := builders[0].prompt_logprobs()) is not None:
             answer["prompt_logprobs"] = prompt  # vLLM puts a chat answer's on the answer itself
-        return _json(answer)
+        return _json(answer, headers=queue_timing(reqs))
 
-    async def stream(reqs: list[GenRequest], builders: list[ChoiceBuilder], head: dict[str, Any], chat: bool,
-                     prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+    async def start_stream(request: Request, reqs: list[GenRequest], builders: list[ChoiceBuilder],
+                           head: dict[str, Any], chat: bool, prompt_tokens: int, include_usage: bool,
+                           ticket: Ticket) -> Response:
+        """Submits the sequences and starts the response with the first engine event (a prefill done), so its
+        headers can carry the queue time (Server-Timing); the first token goes out with them, no later than it
+        would have anyway."""
         merged: asyncio.Queue = asyncio.Queue()
 
-        async def pump(index: int, req: GenRequest) -> None:
-            events = worker.engine.submit(req)
+        async def pump(index: int, events: asyncio.Queue) -> None:
             while True:
                 event = await events.get()
-                await merged.put((index, event))
+                merged.put_nowait((index, event))
                 if isinstance(event, DoneEvent):
+                    ticket.done(None if event.finish_reason == "error" else event.completion_tokens)
                     return
 
-        pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+        pumps = [asyncio.create_task(pump(i, worker.engine.submit(r))) for i, r in enumerate(reqs)]
+        closed = False
+
+        def close() -> None:  # the client went away (or we are done): stop decoding, give the places back
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            for r, b in zip(reqs, builders, strict=True):
+                if b.done is None:
+                    metrics.finished(r, "abort")
+                r.cancelled = True
+            for task in pumps:
+                task.cancel()
+            ticket.close()
+
+        try:
+            first = await _first_event(merged, request)
+        except BaseException:
+            close()
+            raise
+        return _SubmittedStream(stream(first, merged, reqs, builders, head, chat, prompt_tokens, include_usage,
+                                       close), queue_timing(reqs), close)
+
+    async def stream(first: tuple[int, Any] | None, merged: asyncio.Queue, reqs: list[GenRequest],
+                     builders: list[ChoiceBuilder], head: dict[str, Any], chat: bool, prompt_tokens: int,
+                     include_usage: bool, close: Callable[[], None]) -> AsyncIterator[bytes]:
         open_choices = len(reqs)
         try:
             if chat:
@@ -185,7 +255,8 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: 
                     role = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     yield wire.sse(wire.chunk(head, chat, [role]))
             while open_choices:
-                index, event = await merged.get()
+                index, event = first if first is not None else await merged.get()
+                first = None
                 choices = answers.apply(builders[index], event)
                 if isinstance(event, DoneEvent):
                     open_choices -= 1
@@ -202,12 +273,7 @@ def create_worker_app(lm: LoadedModel, max_batch: int = 32, max_prefill_tokens: 
                 yield wire.sse(wire.chunk(head, chat, [], wire.usage(prompt_tokens, completion_tokens)))
             yield wire.SSE_DONE
         finally:
-            for r, b in zip(reqs, builders, strict=True):  # the client went away (or we are done): stop decoding
-                if b.done is None:
-                    metrics.finished(r, "abort")
-                r.cancelled = True
-            for task in pumps:
-                task.cancel()
+            close()
 
     return app
 

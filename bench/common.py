@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from tests.net import free_port  # noqa: E402
 
-__all__ = ["ROOT", "STOP", "Servers", "checkpoint", "free_port", "install_signal_handlers", "pct", "run",
+__all__ = ["ROOT", "STOP", "Servers", "admin_post", "checkpoint", "free_port", "install_signal_handlers", "pct", "run",
            "server_timing", "wait_ready"]
 
 # Set by SIGINT/SIGTERM and checked before every request: raising from the signal handler itself could land
@@ -91,6 +91,17 @@ class Servers:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+
+
+def admin_post(session: aiohttp.ClientSession, base: str, token: str):
+    """`await post(path, payload)`: an admin API POST's JSON answer, or RuntimeError with the refusal."""
+    async def post(path: str, payload: dict) -> dict:
+        async with session.post(base + path, json=payload, headers={"Authorization": f"Bearer {token}"}) as r:
+            if r.status >= 300:
+                raise RuntimeError(f"POST {path} -> {r.status}: {await r.text()}")
+            return await r.json()
+
+    return post
 
 
 def checkpoint() -> None:

@@ -43,6 +43,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     Servers,
+    admin_post,
     checkpoint,
     free_port,
     install_signal_handlers,
@@ -137,13 +138,7 @@ async def measure(target: Target, args: argparse.Namespace, pid: int | None = No
 
 async def setup_relay(session: aiohttp.ClientSession, base: str, token: str, upstream: str) -> str:
     """Tenant, key and channel through the admin API; returns the client key."""
-    admin = {"Authorization": f"Bearer {token}"}
-
-    async def post(path: str, payload: dict) -> dict:
-        async with session.post(base + path, json=payload, headers=admin) as r:
-            if r.status >= 300:
-                raise RuntimeError(f"POST {path} -> {r.status}: {await r.text()}")
-            return await r.json()
+    post = admin_post(session, base, token)
 
     tenant = await post("/admin/tenants", {"name": "bench"})
     key = (await post("/admin/keys", {"tenant_id": tenant["id"], "name": "bench"}))["key"]

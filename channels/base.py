@@ -37,6 +37,7 @@ class ChannelConfig:
     weight: int = 1
     timeout_s: float = 60.0
     retries: int = 0  # extra tries on the same channel after a transient failure, before failing over
+    max_inflight: int | None = None  # requests sent to it at once (over all gateway processes); None: no limit
     options: dict[str, Any] = field(default_factory=dict)
     capabilities: dict[str, Any] = field(default_factory=dict)  # the operator's overrides of the type's defaults
     passthrough: frozenset[str] | None = None  # non-core request fields allowed upstream; None: the default
@@ -80,7 +81,7 @@ class UpstreamError(Exception):
 
     def __init__(self, status: int, message: str, *, retryable: bool, kind: str = "upstream_error",
                  param: str | None = None, type: str | None = None, code: str | None = None,
-                 upstream_message: str | None = None) -> None:
+                 upstream_message: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -90,6 +91,7 @@ class UpstreamError(Exception):
         self.param, self.type, self.code = param, type, code
         # What the upstream itself said, for operators (logs, the parameter probe); never sent to a client.
         self.upstream_message = upstream_message
+        self.retry_after_s = retry_after_s  # a busy upstream's Retry-After, passed on when no channel is left
 
 
 class Channel(ABC):

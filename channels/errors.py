@@ -26,8 +26,20 @@ def _field(error: dict[str, Any], name: str) -> str | None:
     return safe_message(str(value), "") or None if isinstance(value, str | int) else None
 
 
-def from_status(status: int | None, error: dict[str, Any], message: str | None = None) -> UpstreamError:
-    """An HTTP answer that was not a success, with the upstream's `error` object (possibly empty)."""
+def retry_after(value: Any, per_second: float = 1.0) -> float | None:
+    """Seconds from a Retry-After header (retry-after-ms: per_second=1000), at most an hour; None when absent or a
+    date."""
+    try:
+        seconds = float(value) / per_second
+    except (TypeError, ValueError):
+        return None
+    return min(seconds, 3600.0) if seconds >= 0 else None
+
+
+def from_status(status: int | None, error: dict[str, Any], message: str | None = None,
+                retry_after_s: float | None = None) -> UpstreamError:
+    """An HTTP answer that was not a success, with the upstream's `error` object (possibly empty) and the seconds of
+    its Retry-After header, if any."""
     text = error.get("message") if isinstance(error.get("message"), str) else message
     if status in (400, 413, 422):
         # The request's fault: the client gets the upstream's own error (message, type, param, code).
@@ -46,7 +58,12 @@ def from_status(status: int | None, error: dict[str, Any], message: str | None =
                              kind="upstream_not_found")
     if status == 429:
         return UpstreamError(429, "The upstream channel is busy; retry shortly.", retryable=True,
-                             kind="upstream_rate_limited")
+                             kind="upstream_rate_limited", retry_after_s=retry_after_s)
+    if status in (503, 529) and (retry_after_s is not None or error.get("code") == "overloaded" or status == 529):
+        # At capacity, and saying so (our worker, vLLM-style servers, OpenAI, Anthropic's 529): another channel
+        # may take the request; the channel itself is healthy, so its circuit does not count this.
+        return UpstreamError(503, "The upstream channel is at capacity; retry shortly.", retryable=True,
+                             kind="upstream_overloaded", retry_after_s=retry_after_s)
     return UpstreamError(502, f"The upstream channel failed (status {status or 'unknown'}).", retryable=True,
                          upstream_message=safe_message(text) if text else None)
 

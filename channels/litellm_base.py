@@ -105,7 +105,9 @@ def classify(exc: Exception) -> UpstreamError:
     status = getattr(exc, "status_code", None)
     if isinstance(exc, litellm.ContextWindowExceededError | litellm.UnsupportedParamsError):
         status = 400
-    return errors.from_status(status, _provider_error(exc), _provider_text(exc))
+    response_headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    return errors.from_status(status, _provider_error(exc), _provider_text(exc),
+                              errors.retry_after(response_headers.get("retry-after")))
 
 
 def _unsendable(exc: Exception, chain: list[BaseException]) -> UpstreamError | None:

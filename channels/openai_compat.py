@@ -31,8 +31,10 @@ class OpenAIChannel(LiteLLMChannel):
         super().__init__(config)
         options = self.config.options
         self.direct = set(options) <= DIRECT_OPTIONS
+        limit = self.config.max_inflight
         self.client = OpenAIClient(self.api_root, self.config.api_key, self.config.timeout_s,
-                                   headers=options.get("extra_headers") or {}) if self.direct else None
+                                   headers=options.get("extra_headers") or {},
+                                   pool=(self.config.name, limit) if limit else None) if self.direct else None
 
     @property
     def api_root(self) -> str:

@@ -21,45 +21,47 @@ from channels.base import UpstreamError, request_id_header
 
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event larger than this is a broken stream, not a buffer to grow
-# One connection pool per event loop (a server has one; keyed by the loop itself, so a later loop never gets a
-# pool bound to a closed one).
-_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
+# Connection pools per event loop (a server has one; keyed by the loop itself, so a later loop never gets a pool
+# bound to a closed one): a shared one, and one per channel with a `max_inflight` (keyed by its name and limit).
+_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, aiohttp.ClientSession]] = \
+    weakref.WeakKeyDictionary()
 
 
-def _session() -> aiohttp.ClientSession:
-    loop = asyncio.get_running_loop()
-    session = _sessions.get(loop)
+def _session(pool: tuple[str, int] | None = None) -> aiohttp.ClientSession:
+    sessions = _sessions.setdefault(asyncio.get_running_loop(), {})
+    session = sessions.get(pool)
     if session is None or session.closed:
-        # limit=0: concurrency is bounded by the relay's own admission, not by a pool nobody sized.
+        # limit: the channel's max_inflight (the relay never sends it more); without one, 0 — concurrency is bounded
+        # by the relay's own admission, not by a pool nobody sized.
         # keepalive 4 s: below the 5 s after which uvicorn (vLLM's server, and our worker's) closes an idle
         # connection; aiohttp's 15 s default reuses connections the upstream is closing, a 502 by chance.
-        session = _sessions[loop] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
-            limit=0, ttl_dns_cache=300, enable_cleanup_closed=True, keepalive_timeout=4.0))
+        session = sessions[pool] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            limit=pool[1] if pool else 0, ttl_dns_cache=300, enable_cleanup_closed=True, keepalive_timeout=4.0))
     return session
 
 
 async def close_sessions() -> None:
-    """Closes this event loop's pool (at shutdown)."""
-    session = _sessions.pop(asyncio.get_running_loop(), None)
-    if session is not None:
+    """Closes this event loop's pools (at shutdown)."""
+    for session in (_sessions.pop(asyncio.get_running_loop(), None) or {}).values():
         with contextlib.suppress(Exception):
             await session.close()
 
 
 class OpenAIClient:
     def __init__(self, api_base: str, api_key: str | None, timeout_s: float,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, pool: tuple[str, int] | None = None) -> None:
         self.api_base = api_base.rstrip("/")
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout_s = timeout_s
+        self.pool = pool  # (channel name, max_inflight): its own connection pool of that size
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         with _classified(lambda: UpstreamError(502, "The upstream channel sent an answer that is not JSON.",
                                                retryable=True)):
-            async with _session().post(self.api_base + path, data=orjson.dumps(body),
+            async with _session(self.pool).post(self.api_base + path, data=orjson.dumps(body),
                                        headers={**self.headers, **request_id_header()}, timeout=timeout) as response:
                 if response.status >= 400:
                     raise await _failure(response)
@@ -82,7 +84,7 @@ class OpenAIClient:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
         with _classified(lambda: UpstreamError(502, "The upstream stream broke off.", retryable=True,
                                                kind="stream_error")):
-            async with _session().post(self.api_base + path, data=orjson.dumps(body),
+            async with _session(self.pool).post(self.api_base + path, data=orjson.dumps(body),
                                        headers={**self.headers, **request_id_header()}, timeout=timeout) as response:
                 if response.status >= 400:
                     raise await _failure(response)
@@ -144,5 +146,8 @@ async def _failure(response: aiohttp.ClientResponse) -> UpstreamError:
         error = data.get("error", data) if isinstance(data, dict) else {}
         if isinstance(error, str):  # some servers send {"error": "text"}
             error = {"message": error}
+    headers = response.headers
+    wait = errors.retry_after(headers.get("retry-after-ms"), 1000) if "retry-after-ms" in headers else None
+    wait = wait if wait is not None else errors.retry_after(headers.get("retry-after"))
     return errors.from_status(response.status, error if isinstance(error, dict) else {},
-                              raw.decode("utf-8", "replace"))
+                              raw.decode("utf-8", "replace"), wait)

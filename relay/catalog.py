@@ -51,6 +51,7 @@ class TenantInfo:
     token_quota: int | None
     rpm: int | None
     tpm: int | None
+    priority: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,8 @@ def channel_config(row: Any, box: SecretBox) -> ChannelConfig:
     return ChannelConfig(id=row.id, name=row.name, type=row.type, base_url=row.base_url,
                          api_key=box.decrypt(row.api_key), models=tuple(row.models or ()),
                          model_mapping=dict(row.model_mapping or {}), priority=row.priority, weight=row.weight,
-                         timeout_s=row.timeout_s, retries=row.retries, options=box.open_options(row.options or {}),
+                         timeout_s=row.timeout_s, retries=row.retries, max_inflight=row.max_inflight,
+                         options=box.open_options(row.options or {}),
                          capabilities=dict(row.capabilities or {}),
                          passthrough=frozenset(row.passthrough) if row.passthrough is not None else None)
 
@@ -113,7 +115,7 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-_TENANT_COLUMNS = (Tenant.id, Tenant.name, Tenant.status, Tenant.token_quota, Tenant.rpm, Tenant.tpm)
+_TENANT_COLUMNS = (Tenant.id, Tenant.name, Tenant.status, Tenant.token_quota, Tenant.rpm, Tenant.tpm, Tenant.priority)
 _POLICY_COLUMNS = (ModelPolicy.id, ModelPolicy.version, ModelPolicy.model_pattern, ModelPolicy.tenant_id,
                    ModelPolicy.priority, ModelPolicy.rules, ModelPolicy.enabled)
 
@@ -161,7 +163,8 @@ def apply_changes(old: Snapshot, changes: Changes, box: SecretBox) -> Snapshot:
     if changes.tenants or gone.get("tenant"):
         new.tenants = {i: t for i, t in old.tenants.items() if i not in gone.get("tenant", ())}
         for t in changes.tenants:
-            new.tenants[t.id] = TenantInfo(t.id, t.name, t.status == "active", t.token_quota, t.rpm, t.tpm)
+            new.tenants[t.id] = TenantInfo(t.id, t.name, t.status == "active", t.token_quota, t.rpm, t.tpm,
+                                           t.priority)
     keys = new.keys_by_hash
     if gone.get("api_key"):  # only a tenant's delete takes keys along (a key itself is revoked): rare, so a scan
         for digest in [h for h, k in keys.items() if k.id in gone["api_key"]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from channels.base import Channel, UpstreamError
+from relay.admission import retry_headers
 from relay.errors import APIError
 
 
@@ -25,6 +26,9 @@ def client_error(exc: UpstreamError) -> APIError:
                         exc.code or "upstream_rejected")
     if exc.status == 403:
         return APIError(403, exc.message, "invalid_request_error", exc.param, exc.kind)
+    wait = retry_headers(exc.retry_after_s) if exc.retry_after_s is not None else {}
     if exc.status == 429:
-        return APIError(429, exc.message, "rate_limit_error", None, exc.kind)
+        return APIError(429, exc.message, "rate_limit_error", None, exc.kind, headers=wait)
+    if exc.kind in ("upstream_overloaded", "channel_busy"):
+        return APIError(503, exc.message, "server_error", None, "overloaded", headers=wait or retry_headers(1.0))
     return APIError(exc.status, exc.message, "upstream_error", None, exc.kind)

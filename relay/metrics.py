@@ -60,6 +60,15 @@ CACHE = Counter("relay_cache_requests", "Answered requests by response-cache res
 REFUSED = Counter("relay_refusals", "Requests refused by rate limits or token quotas", ["reason"])
 FAILOVERS = Counter("relay_failovers", "Upstream failures after which the relay tried again or moved on",
                     ["channel"])
+SHED = Counter("relay_shed_requests", "API requests refused or dropped before the pipeline because the process was "
+               "at capacity (overloaded: refused at once; queue_timeout: waited too long; client_gone: left while "
+               "waiting)", ["reason"])
+SLOW_BODIES = Counter("relay_slow_bodies", "API requests answered 408 because their body did not arrive in time")
+QUEUE_WAIT = Histogram("relay_queue_wait_seconds", "How long admitted API requests waited for a slot (those that "
+                       "did not wait are not counted)", buckets=SECONDS)
+WAITING = Gauge("relay_requests_waiting", "API requests waiting for a slot", multiprocess_mode="livesum")
+INFLIGHT_LIMIT = Gauge("relay_inflight_limit", "API requests a gateway process serves at once (RELAY_MAX_INFLIGHT), "
+                       "summed over processes", multiprocess_mode="livesum")
 IN_FLIGHT = Gauge("relay_requests_in_flight", "API requests being served", multiprocess_mode="livesum")
 
 

@@ -33,6 +33,7 @@ class Tenant(SQLModel, table=True):
     used_tokens: int = Field(default=0, sa_type=BigInteger)
     rpm: int | None = None
     tpm: int | None = None
+    priority: int | None = None  # weight of its share of a busy gateway's slots (relay.admission); None: 1
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     # The config version of the write that last touched this row: a process reloads only rows above its own
@@ -79,6 +80,7 @@ class Channel(SQLModel, table=True):
     status: str = Field(default="enabled", max_length=20)  # enabled | disabled | auto_disabled
     timeout_s: float = 60.0
     retries: int = 0
+    max_inflight: int | None = None  # requests sent to it at once, over all gateway processes; None: no limit
     options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     capabilities: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     # Non-core request fields this channel's upstream may receive; None: the default list (relay.passthrough)

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -19,9 +19,9 @@ from relay.auth import Principal, check_model
 from relay.cache import CachePlan, ResponseCache, StreamAssembler, replay_chunks, replay_response, stored_from_response
 from relay.cache import plan as cache_plan
 from relay.catalog import Catalog
-from relay.circuit import CircuitBreaker
+from relay.dispatch import Dispatcher
 from relay.errors import APIError, not_found
-from relay.failover import client_error, tries
+from relay.failover import client_error
 from relay.insights import StreamWatch, insight, noter
 from relay.lifecycle import Drain, DrainTimeout
 from relay.passthrough import upstream_request
@@ -67,23 +67,19 @@ class _Attempt:
     # a cacheable miss: where to store the answer, and the single-flight lock to release afterwards
     store: CachePlan | None = None
     lock: str | None = None
+    holding: Channel | None = None  # the channel whose in-flight slot its stream holds until it ends
     finished: bool = False  # its log row is written
 
 
-# Called with a channel whose credentials were refused K times in a row; the app wires in the service write.
-DisableChannel = Callable[[Channel, str], Awaitable[None]]
-
-
 class Pipeline:
-    def __init__(self, catalog: Catalog, accounting: Accounting, cache: ResponseCache, breaker: CircuitBreaker,
-                 drain: Drain, disable_channel: DisableChannel) -> None:
+    def __init__(self, catalog: Catalog, accounting: Accounting, cache: ResponseCache, dispatch: Dispatcher,
+                 drain: Drain) -> None:
         self.catalog = catalog
         self.accounting = accounting
         self.cache = cache
-        self.breaker = breaker
+        self.dispatch = dispatch
         self.drain = drain
-        self.disable_channel = disable_channel
-        self._background: set[asyncio.Task] = set()
+        self._cleanups: set[asyncio.Task] = set()  # clean-ups of streams whose client left before they began
 
     async def run(self, call: RelayCall) -> RelayResult:
         attempt = _Attempt(call, PolicyOutcome(call.body), Entry(call.principal, call.surface or call.endpoint,
@@ -103,7 +99,7 @@ class Pipeline:
                 call.principal, call.endpoint, attempt.outcome.request, call.body_bytes, calls=1 + retries)
             if admission.cap is not None:
                 attempt.outcome = attempt.outcome.with_value("max_tokens", admission.cap, "quota.reservation")
-            ordered = await self.breaker.usable(candidates(channels))
+            ordered = await self.dispatch.breaker.usable(candidates(channels))
             cacheable = cache_plan(call.endpoint, attempt.outcome, call.principal.tenant.id, ordered,
                                    call.cache_control) if self.cache.enabled else None
             if cacheable is not None:
@@ -119,7 +115,7 @@ class Pipeline:
             raise
         except asyncio.CancelledError:
             await self._release(attempt)  # identical requests must not wait on us
-            self._finish(attempt, 499, error_type="client_disconnected")
+            self._finish(attempt, 499, usage=await self._prompt_read(attempt), error_type="client_disconnected")
             raise
         except Exception:
             await self._release(attempt)
@@ -255,83 +251,56 @@ class Pipeline:
                                 "retry, or use /v1/chat/completions.", "upstream_error", None,
                            "untranslatable_answer") from None
 
-    def _next_try(self, attempt: _Attempt, failures: list[UpstreamError]) -> None:
-        if failures and attempt.channel is not None:  # a failure that another try follows: a failover
-            self.accounting.metrics.failover(attempt.channel.config.id)
+    def _prepare(self, attempt: _Attempt) -> Callable[[Channel], dict[str, Any]]:
+        def prepare(channel: Channel) -> dict[str, Any]:
+            attempt.channel = channel
+            return self._upstream_request(attempt, channel)
 
-    async def _channel_failed(self, channel: Channel, exc: UpstreamError) -> bool:
-        """Records the failure of the channel itself; True to try the next channel, False when the request
-        itself is at fault (then nothing is counted against the channel)."""
-        if not exc.retryable:
-            return False
-        log.warning("channel %s failed (%s): %s", channel.config.name, exc.kind, exc.message)
-        refused_credentials = exc.kind == "upstream_auth"
-        if await self.breaker.failed(channel, credentials=refused_credentials):
-            # Off the request path: with the database away the write fails, and failover must not.
-            task = asyncio.create_task(self._disable(channel, exc.message))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        return True
-
-    async def _disable(self, channel: Channel, reason: str) -> None:
-        try:
-            await self.disable_channel(channel, reason)
-            await self.breaker.forget(channel)
-        except Exception as exc:
-            log.error("could not auto-disable channel %s (it keeps failing over): %s", channel.config.name,
-                      str(exc).splitlines()[0][:300])
+        return prepare
 
     async def _call_channels(self, attempt: _Attempt, channels: list[Channel]) -> dict[str, Any]:
-        """The first channel that answers; retryable failures try a channel again (its `retries`), then move on
-        to the next one."""
-        failures: list[UpstreamError] = []
-        for channel in tries(channels, failures):
-            self._next_try(attempt, failures)
-            attempt.channel = channel
-            request = self._upstream_request(attempt, channel)
-            t0 = time.perf_counter()
-            try:
-                call = {"chat": channel.chat, "completions": channel.completion,
-                        "embeddings": channel.embedding}[attempt.call.endpoint]
-                response = await call(request)
-                await self.breaker.succeeded(channel)
-                return response
-            except UpstreamError as exc:
-                failures.append(exc)
-                if not await self._channel_failed(channel, exc):
-                    break
-            finally:
-                attempt.upstream_ms += (time.perf_counter() - t0) * 1000
-                self.accounting.metrics.upstream(channel.config.id, time.perf_counter() - t0)
-        raise client_error(failures[-1])
+        response, upstream_s = await self.dispatch.answer(attempt.call.endpoint, channels, self._prepare(attempt))
+        attempt.upstream_ms += upstream_s * 1000
+        return response
 
     async def _stream(self, attempt: _Attempt, channels: list[Channel]) -> RelayResult:
-        failures: list[UpstreamError] = []
-        for channel in tries(channels, failures):
-            self._next_try(attempt, failures)
-            attempt.channel = channel
-            request = self._upstream_request(attempt, channel)
-            chunks = (channel.chat_stream_batches if attempt.call.endpoint == "chat"
-                      else channel.completion_stream_batches)(request)
-            t0 = time.perf_counter()
-            try:
-                # Nothing has reached the client yet, so a failure here can still be a clean HTTP error
-                # (or, with failover, the next channel).
-                first = await anext(chunks)
-            except StopAsyncIteration:
-                first = None
-            except UpstreamError as exc:
-                failures.append(exc)
-                if await self._channel_failed(channel, exc):
-                    continue
-                break
-            finally:
-                self.accounting.metrics.upstream(channel.config.id, time.perf_counter() - t0)
-            self.accounting.metrics.first_byte(attempt.entry.endpoint, attempt.entry.model,
-                                               time.perf_counter() - attempt.call.started)
-            await self.breaker.succeeded(channel)
-            return RelayResult(headers=self._headers(attempt), stream=self._relay_stream(attempt, first, chunks))
-        raise client_error(failures[-1])
+        channel, first, chunks = await self.dispatch.stream(attempt.call.endpoint, channels, self._prepare(attempt))
+        attempt.holding = channel
+        self.accounting.metrics.first_byte(attempt.entry.endpoint, attempt.entry.model,
+                                           time.perf_counter() - attempt.call.started)
+        # A stream nobody iterates (its client left before the answer started) never runs its generator's clean-up:
+        # the end of the request's task does it then.
+        asyncio.current_task().add_done_callback(lambda _: self._abandoned(attempt, chunks))
+        return RelayResult(headers=self._headers(attempt), stream=self._relay_stream(attempt, first, chunks))
+
+    def _let_go(self, attempt: _Attempt) -> None:
+        if attempt.holding is not None:
+            self.dispatch.slots.give(attempt.holding)
+            attempt.holding = None
+
+    def _abandoned(self, attempt: _Attempt, chunks: AsyncIterator[Any]) -> None:
+        if attempt.holding is None:
+            return  # the stream ended and cleaned up
+        self._let_go(attempt)
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()
+                await self._release(attempt)
+            self._finish(attempt, 499, usage=await self._prompt_read(attempt), error_type="client_disconnected")
+
+        task = asyncio.ensure_future(close())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _prompt_read(self, attempt: _Attempt) -> dict[str, Any] | None:
+        """A call cut short once an upstream had it: the upstream read the prompt, so that is billed."""
+        if attempt.entry.channel_id is None:
+            return None
+        with contextlib.suppress(Exception):
+            return await unreported_usage(attempt.entry, attempt.call.endpoint, attempt.outcome.request,
+                                          attempt.call.body_bytes, [])
+        return None
 
     async def _relay_stream(self, attempt: _Attempt, first: list[dict[str, Any]] | None,
                             chunks: AsyncIterator[list[dict[str, Any]]]) -> AsyncIterator[list[dict[str, Any]]]:
@@ -384,6 +353,7 @@ class Pipeline:
         finally:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await chunks.aclose()  # cancellation reaches the upstream: its connection is closed
+            self._let_go(attempt)
             complete = status == 200 and assembler is not None
             with contextlib.suppress(Exception, asyncio.CancelledError):  # the cache never fails a stream
                 await self._store(attempt, assembler.stored(usage) if complete else None)

@@ -5,10 +5,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+DEFAULT_QUEUE_TIMEOUT_MS = 500  # bench/overload_bench.py: admitted requests' p99 stays well under 1 s at 8× capacity
+PROCESSES_ENV = "RELAY_PROCESSES"
+
 
 def _float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     return float(raw) if raw not in (None, "") else default
+
+
+def _limit(raw: str) -> int | None:
+    raw = raw.strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"RELAY_MAX_INFLIGHT must be `auto` or a whole number of at least 1, not {raw!r}")
+    return int(raw)
 
 
 class SecretKeyError(RuntimeError):
@@ -40,6 +52,12 @@ class Settings:
     drain_timeout_s: float  # on SIGTERM, open streams get this long to finish
     # Completion tokens reserved against quotas and tpm when a request sets no max_tokens (and no policy caps it)
     output_estimate: int
+    # API requests one gateway process serves at once (None: measured, relay.capacity), and how long a request
+    # may wait for a slot (relay.admission)
+    max_inflight: int | None
+    queue_timeout_s: float
+    body_timeout_s: float  # an API request's body must have arrived by then (relay.overload)
+    processes: int  # gateway processes of this `serve` (set by its --workers): channel max_inflight is split among them
     adaptive_every_s: float  # how often policies with temperature.adaptive are checked for a step (admin.adaptive)
 
     @classmethod
@@ -62,5 +80,9 @@ class Settings:
             secret_key_file=os.environ.get("RELAY_SECRET_KEY_FILE") or None,
             drain_timeout_s=_float("RELAY_DRAIN_TIMEOUT_S", 30.0),
             output_estimate=int(_float("RELAY_QUOTA_OUTPUT_ESTIMATE", 1024)),
+            max_inflight=_limit(os.environ.get("RELAY_MAX_INFLIGHT", "auto")),
+            queue_timeout_s=max(0.0, _float("RELAY_QUEUE_TIMEOUT_MS", DEFAULT_QUEUE_TIMEOUT_MS) / 1000),
+            body_timeout_s=max(0.1, _float("RELAY_BODY_TIMEOUT_S", 30.0)),
+            processes=max(1, int(_float(PROCESSES_ENV, 1))),
             adaptive_every_s=max(_float("RELAY_ADAPTIVE_EVERY_S", 60.0), 0.1),
         )

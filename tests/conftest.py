@@ -113,6 +113,22 @@ def run_relay(database_url: str, tmp_dir: Path, *args: str, env: dict[str, str] 
         stop(process)
 
 
+@contextlib.contextmanager
+def run_worker(tmp_dir: Path, model: str, *args: str) -> Iterator[str]:
+    """A real `python -m backends --model MODEL ARGS` on a free port; yields its URL once healthy."""
+    port = free_port()
+    log = tmp_dir / f"worker-{port}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "backends", "--model", model, "--port", str(port), *args,
+                                    "--log-level", "warning"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url + "/health", process, log=log.read_text)
+        yield url
+    finally:
+        stop(process)
+
+
 def add_fake_channel(relay: Relay, upstream_url: str, name: str, models: list[str], **fields: Any) -> dict:
     return relay.ok("POST", "/admin/channels", {"name": name, "type": "openai", "base_url": upstream_url,
                                                 "api_key": "upstream-secret", "models": models, **fields})

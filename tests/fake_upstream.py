@@ -4,7 +4,8 @@ It stands in for a remote provider (the one thing we do not control). It records
 receives, so tests can assert what reached the upstream. Behaviour is chosen by the upstream model
 name: `fail-<status>[-credit|-deactivated]` answers that HTTP status (with a provider message about credit balance,
 or the error code `account_deactivated`),
-`huge-usage` reports absurd token counts, `slow-<ms>...` waits that long before answering,
+`huge-usage` reports absurd token counts, `slow-<ms>...` waits that long before answering (a client that leaves
+meanwhile is noted in `abandoned`), `busy-<s>` answers 503 `overloaded` with Retry-After: <s>,
 `json-by-temperature` answers broken JSON above temperature 0.5
 (or with none) and valid JSON at or below it, `broken-tool-call` answers a tool call whose arguments are no JSON,
 `json-redos` answers {"a": "aaa…a"} (40 a's, the input that makes
@@ -38,6 +39,7 @@ class FakeUpstream:
         self.record = record
         self.api_key = api_key
         self.calls: list[dict[str, Any]] = []  # {"path", "body", "authorization"}
+        self.abandoned: list[str] = []  # models of `slow-` requests whose client went away before the answer
 
     def reply_text(self, model: str, body: dict[str, Any]) -> str:
         if model == "json-by-temperature":
@@ -75,8 +77,14 @@ class FakeUpstream:
             return await send_json(send, *refusal)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        if model.startswith("slow-"):
-            await asyncio.sleep(int(model.split("-")[1]) / 1000)
+        if model.startswith("busy-"):
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"retry-after", model.split("-")[1].encode())]})
+            return await send({"type": "http.response.body", "body": json.dumps({"error": {
+                "message": "overloaded", "type": "server_error", "param": None, "code": "overloaded"}}).encode()})
+        if model.startswith("slow-") and not await _wait_unless_gone(int(model.split("-")[1]) / 1000, receive):
+            self.abandoned.append(model)
+            return
         if path.endswith("/embeddings"):
             return await send_json(send, 200, embeddings(body))
         chat = path.endswith("/chat/completions")
@@ -114,6 +122,20 @@ class FakeUpstream:
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         await send_json(send, 200, wire.response(head, chat, [choice], usage))
+
+
+async def _wait_unless_gone(seconds: float, receive) -> bool:
+    """Sleeps `seconds`; False as soon as the client disconnects instead."""
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait([watcher], timeout=seconds)
+        return not done
+    finally:
+        watcher.cancel()
 
 
 def _parameter_trouble(model: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:

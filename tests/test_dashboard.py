@@ -99,8 +99,10 @@ def test_an_operator_runs_the_relay_from_the_browser(page, relay, upstream):
     tenant_form = page.get_by_role("form", name="Create tenant")
     tenant_form.get_by_label("Tenant name").fill(f"acme-{suffix}")
     tenant_form.get_by_label("Token quota").fill("100000")
+    tenant_form.get_by_label("Priority").fill("3")
     tenant_form.get_by_role("button", name="Create tenant").click()
     expect(page.get_by_role("heading", name=f"Keys of acme-{suffix}")).to_be_visible()
+    assert [t["priority"] for t in relay.ok("GET", f"/admin/tenants?q=acme-{suffix}")] == [3]
     tenant_form.get_by_label("Tenant name").fill(f"acme-{suffix}")  # taken: the API's own 409, inline
     tenant_form.get_by_role("button", name="Create tenant").click()
     expect(tenant_form.get_by_role("alert")).to_contain_text("conflicts with an existing one")
@@ -175,9 +177,11 @@ def test_an_operator_runs_the_relay_from_the_browser(page, relay, upstream):
     add.get_by_label("Base URL").fill(upstream[1])
     add.get_by_label("API key").fill("not-the-upstream-key")
     add.get_by_label("Models (comma separated)").fill(f"refused-model-{suffix}")
+    add.get_by_label("Max in flight").fill("8")
     add.get_by_role("button", name="Add channel").click()
     row = page.get_by_role("row", name=f"refused-{suffix}")
     expect(row).to_be_visible()
+    assert [c["max_inflight"] for c in relay.ok("GET", "/admin/channels") if c["name"] == f"refused-{suffix}"] == [8]
     row.get_by_role("button", name="Test", exact=True).click()
     expect(page.locator("p.status").first).to_contain_text(f"Test of refused-{suffix}")
     expect(row).to_contain_text("rejected the relay's credentials")

@@ -70,7 +70,7 @@ def test_request_ids_follow_a_request_and_log_lines_are_json(tmp_path, upstream,
         assert records and len(records) + len(banner) == len([line for line in lines if line.strip()]), lines[:5]
         mine = [r for r in records if r["request_id"] == "client-id.42:abc"]
         # the failover's warning and the access-log line of that request both name it
-        assert any(r["logger"] == "relay.pipeline" and "broken" in r["message"] for r in mine), mine
+        assert any(r["logger"] == "relay.dispatch" and "broken" in r["message"] for r in mine), mine
         access = [r for r in mine if r["logger"] == "uvicorn.access"]
         assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/chat/completions"
         assert all(r["request_id"] == "-" for r in records if "Started server process" in r["message"])

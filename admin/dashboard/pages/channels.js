@@ -5,7 +5,7 @@ import { html, useState, useRef, useApi, useAction, Async, Field, ErrorBox, Tabl
 import { post, patch, qs, splitList, intOrNull, ms, when } from "../api.js";
 
 const TYPES = [["openai", "openai"], ["litellm", "litellm"], ["local", "local"]];
-const BLANK = { name: "", type: "openai", base_url: "", api_key: "", models: "", priority: "0", weight: "1", litellm_model: "" };
+const BLANK = { name: "", type: "openai", base_url: "", api_key: "", models: "", priority: "0", weight: "1", max_inflight: "", litellm_model: "" };
 
 export function Channels() {
   const list = useApi("/admin/channels");
@@ -123,7 +123,8 @@ function LastTest({ ch }) {
 function ChannelForm({ channel, onDone, onCancel }) {
   const init = channel
     ? { ...BLANK, name: channel.name, type: channel.type, base_url: channel.base_url || "", models: channel.models.join(", "),
-        priority: String(channel.priority), weight: String(channel.weight), litellm_model: channel.options?.model || "" }
+        priority: String(channel.priority), weight: String(channel.weight),
+        max_inflight: channel.max_inflight == null ? "" : String(channel.max_inflight), litellm_model: channel.options?.model || "" }
     : BLANK;
   const [f, setF] = useState(init);
   const action = useAction();
@@ -136,6 +137,9 @@ function ChannelForm({ channel, onDone, onCancel }) {
     const weight = intOrNull(f.weight);
     if (priority !== null) body.priority = priority;
     if (weight !== null) body.weight = weight;
+    const maxInflight = intOrNull(f.max_inflight);
+    if (maxInflight !== null) body.max_inflight = maxInflight;
+    else if (channel && channel.max_inflight != null) body.max_inflight = null; // cleared: no limit
     const baseUrl = f.base_url.trim();
     if (baseUrl) body.base_url = baseUrl;
     else if (channel && channel.base_url) body.base_url = null; // cleared on purpose
@@ -165,6 +169,8 @@ function ChannelForm({ channel, onDone, onCancel }) {
                 onInput=${set("litellm_model")} error=${err} hint="options.model, e.g. anthropic/claude-3-5-haiku-latest" />` : null}
       <${Field} label="Priority" name="priority" type="number" inputmode="numeric" value=${f.priority} onInput=${set("priority")} error=${err} />
       <${Field} label="Weight" name="weight" type="number" inputmode="numeric" value=${f.weight} onInput=${set("weight")} error=${err} />
+      <${Field} label="Max in flight" name="max_inflight" type="number" inputmode="numeric" value=${f.max_inflight}
+                onInput=${set("max_inflight")} error=${err} hint="Requests sent to it at once; beyond, the next channel or a 503. Blank = no limit" />
     </div>
     <${ErrorBox} error=${err} />
     <div class="buttons">

@@ -59,13 +59,14 @@ export function Tenants() {
   </section>`;
 }
 
-// rpm / tpm / token quota: blank means "no limit" (null).
+// rpm / tpm / token quota: blank means "no limit" (null); priority: blank means the default weight (1).
 function limitsBody(f) {
-  return { rpm: intOrNull(f.rpm), tpm: intOrNull(f.tpm), token_quota: intOrNull(f.token_quota) };
+  return { rpm: intOrNull(f.rpm), tpm: intOrNull(f.tpm), token_quota: intOrNull(f.token_quota),
+           priority: intOrNull(f.priority) };
 }
 
 function CreateTenant({ onCreated }) {
-  const blank = { name: "", rpm: "", tpm: "", token_quota: "" };
+  const blank = { name: "", rpm: "", tpm: "", token_quota: "", priority: "" };
   const [f, setF] = useState(blank);
   const action = useAction();
   const [done, setDone] = useState("");
@@ -89,6 +90,7 @@ function CreateTenant({ onCreated }) {
       <${Field} label="RPM" name="rpm" type="number" value=${f.rpm} onInput=${set("rpm")} error=${action.error} hint="Requests per minute; blank = no limit" />
       <${Field} label="TPM" name="tpm" type="number" value=${f.tpm} onInput=${set("tpm")} error=${action.error} hint="Tokens per minute; blank = no limit" />
       <${Field} label="Token quota" name="token_quota" type="number" value=${f.token_quota} onInput=${set("token_quota")} error=${action.error} hint="Total tokens; blank = unlimited" />
+      <${Field} label="Priority" name="priority" type="number" value=${f.priority} onInput=${set("priority")} error=${action.error} hint="Weight of its share of a busy relay, 1-1000; blank = 1" />
     </div>
     <${ErrorBox} error=${action.error} />
     <p role="status" class="status">${done}</p>
@@ -98,7 +100,8 @@ function CreateTenant({ onCreated }) {
 
 function LimitsForm({ tenant, onDone, onCancel }) {
   const str = (v) => (v === null || v === undefined ? "" : String(v));
-  const [f, setF] = useState({ rpm: str(tenant.rpm), tpm: str(tenant.tpm), token_quota: str(tenant.token_quota) });
+  const [f, setF] = useState({ rpm: str(tenant.rpm), tpm: str(tenant.tpm), token_quota: str(tenant.token_quota),
+                               priority: str(tenant.priority) });
   const action = useAction();
   const title = useRef(null);
   useEffect(() => title.current?.focus(), []);
@@ -113,6 +116,7 @@ function LimitsForm({ tenant, onDone, onCancel }) {
       <${Field} label="RPM" name="rpm" type="number" value=${f.rpm} onInput=${set("rpm")} error=${action.error} hint="Blank = no limit" />
       <${Field} label="TPM" name="tpm" type="number" value=${f.tpm} onInput=${set("tpm")} error=${action.error} hint="Blank = no limit" />
       <${Field} label="Token quota" name="token_quota" type="number" value=${f.token_quota} onInput=${set("token_quota")} error=${action.error} hint="Blank = unlimited" />
+      <${Field} label="Priority" name="priority" type="number" value=${f.priority} onInput=${set("priority")} error=${action.error} hint="Fair-share weight under load; blank = 1" />
     </div>
     <${ErrorBox} error=${action.error} />
     <div class="buttons">
