@@ -1,5 +1,7 @@
-"""ASGI middleware in front of the API: a request takes a slot (relay.admission) before its body is read, or is
-refused at once with a 503 `overloaded` and Retry-After; and a request whose client goes away is cancelled —
+"""ASGI middleware in front of the API: a request takes a slot (relay.admission) before its body is parsed, or is
+refused at once with a 503 `overloaded` and Retry-After. A small body (64 KB) is read before the slot is taken
+and any body must arrive within RELAY_BODY_TIMEOUT_S (408), so clients dribbling their bodies hold no slots for
+long. A request whose client goes away is cancelled —
 while it waits for a slot, or before its answer starts (a non-streamed call, a stream still waiting for its
 first chunk) — so nothing is asked of an upstream for nobody. Streams that have started are stopped by their
 own response (backends.wire.event_stream).
