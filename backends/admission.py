@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import collections
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from backends.wire import errors as wire
 from backends.wire.errors import APIError
 
 DEFAULT_TOKENS_PER_SEQUENCE = 128.0  # what a sequence is expected to generate before any has finished
@@ -45,10 +45,8 @@ def retry_after_s(excess: int, tokens_per_sequence: float, tokens_per_s: float |
 
 
 def retry_headers(seconds: float) -> dict[str, str]:
-    """Retry-After in whole seconds (at least 1) and retry-after-ms (read first by the openai SDKs), spread by up to
-    +25% (still at most 60 s) so a refused burst does not come back in one instant."""
-    spread = min(MAX_RETRY_S, seconds * (1.0 + random.random() * 0.25))
-    return {"Retry-After": str(max(1, math.ceil(spread))), "retry-after-ms": str(max(1, round(spread * 1000)))}
+    """The worker's Retry-After headers: `seconds` spread by up to +25%, still at most MAX_RETRY_S."""
+    return wire.retry_headers(seconds, spread=0.25, most=MAX_RETRY_S)
 
 
 def queue_timing(reqs: Iterable[Any]) -> dict[str, str]:

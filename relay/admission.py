@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-import random
 import time
 from dataclasses import dataclass, field
+
+from backends.wire import errors as wire
 
 _RATE_WINDOW_S = 0.5  # completions are counted over windows this long for the throughput estimate
 
@@ -247,7 +248,5 @@ class Slots:
 
 
 def retry_headers(seconds: float) -> dict[str, str]:
-    """Retry-After in whole seconds (at least 1, as HTTP wants) and retry-after-ms, which the openai SDKs read
-    first, spread by up to +50% so refused clients do not all come back in the same instant."""
-    spread = seconds * (1.0 + random.random() * 0.5)
-    return {"Retry-After": str(max(1, math.ceil(spread))), "retry-after-ms": str(max(1, round(spread * 1000)))}
+    """The gateway's Retry-After headers: `seconds` spread by up to +50%."""
+    return wire.retry_headers(seconds, spread=0.5)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
+import random
 from typing import Any
 
 import orjson
@@ -34,6 +36,16 @@ class APIError(Exception):
     def response(self) -> Response:
         return Response(orjson.dumps(self.body()), status_code=self.status,
                         media_type="application/json", headers=self.headers)
+
+
+def retry_headers(seconds: float, spread: float, most: float | None = None) -> dict[str, str]:
+    """Retry-After in whole seconds (at least 1, as HTTP wants) and retry-after-ms (which the openai SDKs read
+    first), `seconds` spread by up to +`spread` (a fraction) so refused clients do not all come back in the same
+    instant, and at most `most` seconds."""
+    wait = seconds * (1.0 + random.random() * spread)
+    if most is not None:
+        wait = min(most, wait)
+    return {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, round(wait * 1000)))}
 
 
 def require_bearer(authorization: str | None, token: str, message: str) -> None:
