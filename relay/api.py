@@ -19,7 +19,7 @@ from backends.wire.event_stream import EventStreamResponse
 from backends.wire.json_limits import INLINE_PARSE_BYTES
 from backends.wire.requests import ChatRequest, CompletionRequest, EmbeddingRequest, check_body, parse_body
 from backends.wire.responses import SSE_DONE, model_card, model_list, sse
-from relay.auth import authenticate, check_model, model_allowed
+from relay.auth import authenticate, check_model, model_allowed, presented_key
 from relay.dialects import messages, responses
 from relay.errors import APIError, not_found
 from relay.json_check import check_response_schema, response_schema
@@ -53,9 +53,8 @@ def _pipeline(request: Request) -> Pipeline:
 
 def _principal(request: Request, api_key_header: bool = False):
     client_ip = request.client.host if request.client else None
-    authorization = request.headers.get("authorization")
-    if api_key_header and not authorization and request.headers.get("x-api-key"):
-        authorization = "Bearer " + request.headers["x-api-key"]  # Anthropic's SDKs and Claude Code send x-api-key
+    authorization = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"),
+                                  api_key_header)
     snapshot = _pipeline(request).catalog.snapshot
     if api_key_header:
         return authenticate(snapshot, authorization, client_ip, "the x-api-key header or as Authorization: Bearer "

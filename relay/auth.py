@@ -45,6 +45,14 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
+def presented_key(authorization: str | None, x_api_key: str | None, api_key_header: bool) -> str | None:
+    """The Authorization value a request presents its key in; on Anthropic's endpoints (`api_key_header`) an
+    x-api-key header stands in for a missing one (Anthropic's SDKs and Claude Code send that)."""
+    if api_key_header and not authorization and x_api_key:
+        return "Bearer " + x_api_key
+    return authorization
+
+
 def authenticate(snapshot: Snapshot, authorization: str | None, client_ip: str | None,
                  where: str = "the Authorization header (Authorization: Bearer YOUR_KEY)") -> Principal:
     token = bearer_token(authorization)

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.wire.errors import APIError
 from relay.admission import Refused, Slots, Waiter, retry_headers
-from relay.auth import bearer_token, hash_secret
+from relay.auth import authenticate, presented_key
 from relay.dialects import messages
 from relay.metrics import QUEUE_WAIT, SHED, SLOW_BODIES, WAITING
 
@@ -223,8 +223,8 @@ def _content_length(scope: Scope) -> int | None:
 
 
 def _tenant_of(scope: Scope) -> tuple[int, int] | None:
-    """(tenant id, weight) of the request's key, from the in-memory catalog; None for no key or an unusable one.
-    The first Authorization (or x-api-key) header counts, as it does for the route that authenticates."""
+    """(tenant id, weight) of the request's key, authenticated as the route will (the first of each header counts,
+    as in the route's); None for no key or one the route will refuse."""
     app: Any = scope.get("app")
     catalog = getattr(getattr(app, "state", None), "catalog", None)
     if catalog is None:
@@ -232,18 +232,14 @@ def _tenant_of(scope: Scope) -> tuple[int, int] | None:
     authorization = x_api_key = None
     for name, value in scope["headers"]:
         if name == b"authorization" and authorization is None:
-            authorization = value
+            authorization = value.decode("latin-1")
         elif name == b"x-api-key" and x_api_key is None:
-            x_api_key = value
-    token = bearer_token(authorization.decode("latin-1")) if authorization else None
-    if token is None and x_api_key:
-        token = x_api_key.decode("latin-1").strip()
-    if not token:
+            x_api_key = value.decode("latin-1")
+    client = scope.get("client")
+    try:
+        principal = authenticate(catalog.snapshot, presented_key(authorization, x_api_key,
+                                                                 scope["path"].startswith("/v1/messages")),
+                                 client[0] if client else None)
+    except APIError:
         return None
-    snapshot = catalog.snapshot
-    key = snapshot.keys_by_hash.get(hash_secret(token))
-    tenant = snapshot.tenants.get(key.tenant_id) if key is not None and key.active else None
-    if tenant is None or not tenant.active:
-        return None
-    return tenant.id, tenant.priority or 1
-
+    return principal.tenant.id, principal.tenant.priority or 1
