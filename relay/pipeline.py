@@ -115,7 +115,7 @@ class Pipeline:
             raise
         except asyncio.CancelledError:
             await self._release(attempt)  # identical requests must not wait on us
-            self._finish(attempt, 499, usage=await self._prompt_read(attempt), error_type="client_disconnected")
+            self._finish(attempt, 499, usage=await self._unreported(attempt, []), error_type="client_disconnected")
             raise
         except Exception:
             await self._release(attempt)
@@ -287,19 +287,20 @@ class Pipeline:
             with contextlib.suppress(Exception):
                 await chunks.aclose()
                 await self._release(attempt)
-            self._finish(attempt, 499, usage=await self._prompt_read(attempt), error_type="client_disconnected")
+            self._finish(attempt, 499, usage=await self._unreported(attempt, []), error_type="client_disconnected")
 
         task = asyncio.ensure_future(close())
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _prompt_read(self, attempt: _Attempt) -> dict[str, Any] | None:
-        """A call cut short once an upstream had it: the upstream read the prompt, so that is billed."""
+    async def _unreported(self, attempt: _Attempt, sent: list[str]) -> dict[str, Any] | None:
+        """The bill of a call that ended without the upstream's usage (cut short, or a stream without it), once an
+        upstream had it: the prompt it read and the text `sent` to the client."""
         if attempt.entry.channel_id is None:
             return None
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             return await unreported_usage(attempt.entry, attempt.call.endpoint, attempt.outcome.request,
-                                          attempt.call.body_bytes, [])
+                                          attempt.call.body_bytes, sent)
         return None
 
     async def _relay_stream(self, attempt: _Attempt, first: list[dict[str, Any]] | None,
@@ -360,7 +361,5 @@ class Pipeline:
             if watch is not None and status == 200:
                 attempt.entry.observations.append(watch.observation())  # judged later, by the log writer
             if usage is None:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    usage = await unreported_usage(attempt.entry, attempt.call.endpoint, attempt.outcome.request,
-                                                   attempt.call.body_bytes, sent)
+                usage = await self._unreported(attempt, sent)
             self._finish(attempt, status, usage=usage, error_type=error_type)
