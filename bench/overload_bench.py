@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import secrets
 import sys
@@ -48,9 +47,7 @@ from bench.common import (  # noqa: E402
     wait_ready,
 )
 from bench.loadgen import Pool, post  # noqa: E402
-
-MODEL = "bench-model"
-BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}).encode()
+from bench.relay_bench import BODY, MODEL  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
