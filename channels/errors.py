@@ -26,14 +26,17 @@ def _field(error: dict[str, Any], name: str) -> str | None:
     return safe_message(str(value), "") or None if isinstance(value, str | int) else None
 
 
-def retry_after(value: Any, per_second: float = 1.0) -> float | None:
-    """Seconds from a Retry-After header (retry-after-ms: per_second=1000), at most an hour; None when absent or a
-    date."""
-    try:
-        seconds = float(value) / per_second
-    except (TypeError, ValueError):
-        return None
-    return min(seconds, 3600.0) if seconds >= 0 else None
+def retry_after(headers: Any) -> float | None:
+    """Seconds from an answer's retry-after-ms (OpenAI's, read first) or Retry-After header, at most an hour; None
+    when neither is there (or it is a date). `headers`: a case-insensitive mapping (aiohttp's, httpx's)."""
+    for name, per_second in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers.get(name)) / per_second
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if seconds >= 0:
+            return min(seconds, 3600.0)
+    return None
 
 
 def from_status(status: int | None, error: dict[str, Any], message: str | None = None,

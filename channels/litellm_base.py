@@ -105,9 +105,8 @@ def classify(exc: Exception) -> UpstreamError:
     status = getattr(exc, "status_code", None)
     if isinstance(exc, litellm.ContextWindowExceededError | litellm.UnsupportedParamsError):
         status = 400
-    response_headers = getattr(getattr(exc, "response", None), "headers", None) or {}
     return errors.from_status(status, _provider_error(exc), _provider_text(exc),
-                              errors.retry_after(response_headers.get("retry-after")))
+                              errors.retry_after(getattr(getattr(exc, "response", None), "headers", None)))
 
 
 def _unsendable(exc: Exception, chain: list[BaseException]) -> UpstreamError | None:

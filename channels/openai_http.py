@@ -146,8 +146,5 @@ async def _failure(response: aiohttp.ClientResponse) -> UpstreamError:
         error = data.get("error", data) if isinstance(data, dict) else {}
         if isinstance(error, str):  # some servers send {"error": "text"}
             error = {"message": error}
-    headers = response.headers
-    wait = errors.retry_after(headers.get("retry-after-ms"), 1000) if "retry-after-ms" in headers else None
-    wait = wait if wait is not None else errors.retry_after(headers.get("retry-after"))
     return errors.from_status(response.status, error if isinstance(error, dict) else {},
-                              raw.decode("utf-8", "replace"), wait)
+                              raw.decode("utf-8", "replace"), errors.retry_after(response.headers))
