@@ -48,6 +48,10 @@ def _run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     elif args.worker_url:
         bootstrap.register_local_channel(settings.database_url, args.worker_url,
                                          bootstrap.wait_for_worker(args.worker_url, 600))
+    if sys.platform != "win32":  # relay.event_loop is uvloop's, and RLIMIT_NOFILE POSIX's
+        from relay.event_loop import raise_open_files_limit
+
+        raise_open_files_limit()  # inherited by every gateway process of this serve
     secret = bootstrap.first_key(settings.database_url)
     if secret:
         print(f"\nNew database: created tenant 'default' and its first API key (shown this once):\n    {secret}\n",
@@ -55,10 +59,16 @@ def _run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     uvicorn.run("admin.app:create_app", factory=True, host=args.host or settings.host,
                 port=args.port or settings.port, workers=args.workers, log_level=args.log_level,
                 log_config=log_config(os.environ.get("RELAY_LOG_FORMAT", "text"), args.log_level),
-                access_log=args.access_log, loop="auto", http="auto",
+                access_log=args.access_log, loop=_EVENT_LOOP, http=_HTTP,
                 proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
                 timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)))
     return 0
+
+
+# uvloop, accepting every pending connection (relay.event_loop); asyncio's own loop where uvloop does not run. And
+# uvicorn's httptools protocol, answering a refusal without starting the app (relay.http_protocol)
+_EVENT_LOOP = "asyncio" if sys.platform == "win32" else "relay.event_loop:new_event_loop"
+_HTTP = "relay.http_protocol:RefusingHttpToolsProtocol"
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:

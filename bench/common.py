@@ -61,10 +61,11 @@ class Servers:
         self.procs[name] = proc
         return proc
 
-    async def start_fake_upstream(self, session: aiohttp.ClientSession, port: int, delay_ms: float) -> str:
+    async def start_fake_upstream(self, session: aiohttp.ClientSession, port: int, delay_ms: float,
+                                  name: str = "upstream") -> str:
         """tests/fake_upstream.py (an OpenAI-speaking server answering at once, or after `delay_ms`) on `port`;
         its base URL once it answers."""
-        proc = self.start("upstream", [sys.executable, "-m", "tests.fake_upstream", "--port", str(port),
+        proc = self.start(name, [sys.executable, "-m", "tests.fake_upstream", "--port", str(port),
                                        "--delay-ms", str(delay_ms)])
         url = f"http://127.0.0.1:{port}"
         await wait_ready(session, url + "/v1/models", proc, 30)

@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlmodel import Session
+from starlette.types import Receive, Scope, Send
 
 from backends.wire.body_limit import BodyLimit
 from channels.base import Channel
@@ -23,10 +25,9 @@ from channels.openai_http import close_sessions
 from channels.registry import channel_types
 from relay import __version__, config_state
 from relay.accounting import Accounting
-from relay.admission import Slots
+from relay.admission import Gate
 from relay.api import router as openai_router
 from relay.cache import ResponseCache
-from relay.capacity import Capacity
 from relay.catalog import Catalog
 from relay.circuit import CircuitBreaker
 from relay.config_sync import ConfigSync
@@ -37,6 +38,7 @@ from relay.health import database_up, expected_revision, redis_up
 from relay.health import router as health_router
 from relay.lifecycle import Drain
 from relay.limits import RateLimiter
+from relay.loop_guard import LoopGuard
 from relay.metrics import INFLIGHT_LIMIT, InFlight, RelayMetrics, SharedState, process_exited
 from relay.metrics import router as metrics_router
 from relay.overload import Overload
@@ -132,15 +134,15 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
                  asyncio.create_task(usage.flush_forever(settings.log_flush_s)),
                  asyncio.create_task(_every(settings.log_flush_s, cache.flush_stats))]
         tasks += [asyncio.create_task(_every(every_s, _bound(job, app))) for every_s, job in chores]
-        if settings.max_inflight is None:
-            tasks.append(asyncio.create_task(_every(1.0, Capacity(slots).measure)))
-        else:
-            INFLIGHT_LIMIT.set(settings.max_inflight)
+        INFLIGHT_LIMIT.set(math.nan if settings.max_inflight is None else settings.max_inflight)
+        guard = LoopGuard(gate, settings.loop_lag_s)
+        guard.start()
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
+            guard.stop()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -152,20 +154,34 @@ def create_app(settings: Settings | None = None, *, auto_disable: AutoDisable | 
             engine.dispose()
             process_exited()
 
-    app = FastAPI(title="policy-relay", version=__version__, lifespan=lifespan)
+    app = _Gateway(title="policy-relay", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.ready = False
+    app.state.gate = gate = Gate(settings.max_inflight, settings.queue_timeout_s)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, setting="RELAY_MAX_BODY_MB")
     app.add_middleware(InFlight)
-    app.state.slots = slots = Slots(settings.max_inflight or 1, settings.queue_timeout_s)
-    app.add_middleware(Overload, slots=slots, max_body_bytes=settings.max_body_bytes,
-                       body_timeout_s=settings.body_timeout_s)
-    app.add_middleware(RequestId)  # outermost: even a refused body's answer carries its id
+    app.add_middleware(RequestId)  # outermost of the middleware added here: even a refused body's answer has its id
     install_handlers(app, settings.max_body_bytes)
     app.include_router(openai_router)
     app.include_router(health_router)
     app.include_router(metrics_router)
     return app
+
+
+class _Gateway(FastAPI):
+    """FastAPI with relay.overload in front of all of it, its telemetry check and error handler included: a request
+    refused for want of capacity passes through nothing else."""
+
+    _front: Overload | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        if self._front is None:
+            settings = self.state.settings
+            self._front = Overload(super().__call__, self.state, settings.max_body_bytes, settings.body_timeout_s)
+        await self._front(scope, receive, send)
 
 
 def _tune_interpreter() -> None:

@@ -60,15 +60,24 @@ CACHE = Counter("relay_cache_requests", "Answered requests by response-cache res
 REFUSED = Counter("relay_refusals", "Requests refused by rate limits or token quotas", ["reason"])
 FAILOVERS = Counter("relay_failovers", "Upstream failures after which the relay tried again or moved on",
                     ["channel"])
-SHED = Counter("relay_shed_requests", "API requests refused or dropped before the pipeline because the process was "
-               "at capacity (overloaded: refused at once; queue_timeout: waited too long; client_gone: left while "
-               "waiting)", ["reason"])
+SHED = Counter("relay_shed_requests", "API requests refused or dropped before the pipeline because the process could "
+               "not start them in time (loop_busy: refused on arrival while the event loop lagged and starts were "
+               "paced; inflight_limit: refused on arrival at RELAY_MAX_INFLIGHT; queue_timeout: waited "
+               "RELAY_QUEUE_TIMEOUT_MS; client_gone: left while waiting)", ["reason"])
 SLOW_BODIES = Counter("relay_slow_bodies", "API requests answered 408 because their body did not arrive in time")
-QUEUE_WAIT = Histogram("relay_queue_wait_seconds", "How long admitted API requests waited for a slot (those that "
-                       "did not wait are not counted)", buckets=SECONDS)
-WAITING = Gauge("relay_requests_waiting", "API requests waiting for a slot", multiprocess_mode="livesum")
+QUEUE_WAIT = Histogram("relay_queue_wait_seconds", "How long admitted API requests waited to start (those that did "
+                       "not wait are not counted)", buckets=SECONDS)
+WAITING = Gauge("relay_requests_waiting", "API requests waiting to start", multiprocess_mode="livesum")
 INFLIGHT_LIMIT = Gauge("relay_inflight_limit", "API requests a gateway process serves at once (RELAY_MAX_INFLIGHT), "
-                       "summed over processes", multiprocess_mode="livesum")
+                       "summed over processes; NaN: no limit (auto, the default)", multiprocess_mode="livesum")
+START_RATE_LIMIT = Gauge("relay_start_rate_limit", "Requests per second a gateway process starts while its event loop "
+                         "lags (the pace); NaN while it does not pace: every request starts on arrival",
+                         multiprocess_mode="liveall")
+LOOP_LAG = Histogram("relay_event_loop_lag_seconds", "How late the event loop ran a callback due every 5 ms: what "
+                     "every request's next step waits beyond its own work", buckets=(
+                         0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+LOOP_BUSY = Gauge("relay_event_loop_busy_ratio", "Share of the last second the event loop's thread spent on the CPU",
+                  multiprocess_mode="liveall")
 IN_FLIGHT = Gauge("relay_requests_in_flight", "API requests being served", multiprocess_mode="livesum")
 
 

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_QUEUE_TIMEOUT_MS = 500  # bench/overload_bench.py: admitted requests' p99 stays well under 1 s at 8× capacity
+# A loop that keeps up lags 1-5 ms at p99 in bench/overload_bench.py's sweep: 10 ms is past that, and little for
+# a request to wait before pacing begins
+DEFAULT_LOOP_LAG_MS = 10
 PROCESSES_ENV = "RELAY_PROCESSES"
 
 
@@ -52,9 +55,10 @@ class Settings:
     drain_timeout_s: float  # on SIGTERM, open streams get this long to finish
     # Completion tokens reserved against quotas and tpm when a request sets no max_tokens (and no policy caps it)
     output_estimate: int
-    # API requests one gateway process serves at once (None: measured, relay.capacity), and how long a request
-    # may wait for a slot (relay.admission)
+    # API requests one gateway process serves at once (None: no limit), the event-loop lag above which new requests
+    # are paced (relay.loop_guard; None: never), and how long a request may wait to start (relay.admission)
     max_inflight: int | None
+    loop_lag_s: float | None
     queue_timeout_s: float
     body_timeout_s: float  # an API request's body must have arrived by then (relay.overload)
     processes: int  # gateway processes of this `serve` (set by its --workers): channel max_inflight is split among them
@@ -81,6 +85,7 @@ class Settings:
             drain_timeout_s=_float("RELAY_DRAIN_TIMEOUT_S", 30.0),
             output_estimate=int(_float("RELAY_QUOTA_OUTPUT_ESTIMATE", 1024)),
             max_inflight=_limit(os.environ.get("RELAY_MAX_INFLIGHT", "auto")),
+            loop_lag_s=max(0.0, _float("RELAY_LOOP_LAG_MS", DEFAULT_LOOP_LAG_MS)) / 1000 or None,  # 0: never pace
             queue_timeout_s=max(0.0, _float("RELAY_QUEUE_TIMEOUT_MS", DEFAULT_QUEUE_TIMEOUT_MS) / 1000),
             body_timeout_s=max(0.1, _float("RELAY_BODY_TIMEOUT_S", 30.0)),
             processes=max(1, int(_float(PROCESSES_ENV, 1))),

@@ -114,19 +114,24 @@ def run_relay(database_url: str, tmp_dir: Path, *args: str, env: dict[str, str] 
 
 
 @contextlib.contextmanager
-def run_worker(tmp_dir: Path, model: str, *args: str) -> Iterator[str]:
-    """A real `python -m backends --model MODEL ARGS` on a free port; yields its URL once healthy."""
+def run_server(tmp_dir: Path, module: str, *args: str, health: str = "/health") -> Iterator[str]:
+    """`python -m MODULE --port P ARGS` on a free port; yields its URL once `health` answers 200."""
     port = free_port()
-    log = tmp_dir / f"worker-{port}.log"
+    log = tmp_dir / f"{module.rsplit('.', 1)[-1]}-{port}.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "backends", "--model", model, "--port", str(port), *args,
-                                    "--log-level", "warning"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url + "/health", process, log=log.read_text)
+        wait_healthy(url + health, process, log=log.read_text)
         yield url
     finally:
         stop(process)
+
+
+def run_worker(tmp_dir: Path, model: str, *args: str) -> contextlib.AbstractContextManager[str]:
+    """A real `python -m backends --model MODEL ARGS` on a free port; yields its URL once healthy."""
+    return run_server(tmp_dir, "backends", "--model", model, *args, "--log-level", "warning")
 
 
 def add_fake_channel(relay: Relay, upstream_url: str, name: str, models: list[str], **fields: Any) -> dict:

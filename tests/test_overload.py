@@ -5,7 +5,10 @@ admin API never wait, clients that leave are not served, and channels' max_infli
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -14,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
-from tests.conftest import Relay, add_fake_channel, database, run_relay, run_worker
+from tests.conftest import Relay, add_fake_channel, database, run_relay, run_server, run_worker
 
 SLOW = [f"slow-{ms}" for ms in (200, 300, 600, 900, 1500, 2000, 2500, 4000)] + ["slow-301", "slow-302", "slow-303"]
 
@@ -112,7 +116,49 @@ def test_beyond_the_limit_a_fast_503_before_the_body_is_read(no_queue):
         thread.join()
         assert out[0][0].status_code == 200
     assert _post(no_queue, key, "plain-model")[0].status_code == 200
-    assert _metric(no_queue, "relay_shed_requests_total", 'reason="overloaded"') >= 3
+    assert _metric(no_queue, "relay_shed_requests_total", 'reason="inflight_limit"') >= 3
+
+
+def _read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 answer with a Content-Length, read off a raw socket: (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
+                      if line.startswith(b"content-length:")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
+
+
+def test_a_refusal_on_arrival_keeps_the_connection_usable(no_queue):
+    """The server answers a refusal itself (relay.http_protocol): the body it never read is skipped, the connection
+    serves the next request, the client's request id comes back; an HTTP/1.0 client's connection is closed."""
+    key = no_queue.new_key()["key"]
+    holders = [_in_background(_post, no_queue, key, "slow-1500") for _ in range(2)]
+    time.sleep(0.4)
+    host, port = no_queue.url.removeprefix("http://").split(":")
+    body = b'{"model": "plain-model", "messages": [{"role": "user", "content": "' + b"x" * 20000 + b'"}]}'
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + key.encode() + b"\r\nX-Request-Id: mine-1\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        head, answer = _read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 503") and b"\r\nx-request-id: mine-1" in head.lower()
+        assert b"\r\nretry-after-ms: " in head.lower() and b"\r\ndate: " in head.lower()
+        assert orjson.loads(answer)["error"]["code"] == "overloaded"
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _ = _read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 2\r\n\r\n{}")
+        head, _ = _read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 503") and b"\r\nconnection: close" in head.lower()
+        assert sock.recv(1) == b""  # closed
+    for thread, _ in holders:
+        thread.join()
 
 
 def test_a_second_authorization_header_does_not_dodge_the_limit(no_queue):
@@ -148,7 +194,7 @@ def test_clients_that_dribble_their_bodies_hold_no_slot_and_get_a_408(no_queue):
         while chunk := sock.recv(4096):  # the relay closes the connection after its 408
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408"), answer
-        assert b'"code":"request_timeout"' in answer
+        assert b'"code":"request_timeout"' in answer and b"\r\nx-request-id: " in answer.lower()
         sock.close()
 
 
@@ -294,3 +340,52 @@ def test_a_full_worker_fails_over_to_the_next_channel_and_alone_passes_its_503_o
     assert [(a.status_code, a.headers["x-relay-channel"]) for a in answers] == [(200, "worker-spare")] * 2
     _refusal(alone)  # the worker's own 503, its Retry-After passed on
     assert "upstream channel is at capacity" in alone.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def slow_upstream(tmp_path_factory) -> Iterator[str]:
+    """A fake upstream of its own (a process: a thousand held connections are its load, not the tests') that answers
+    after 2 s."""
+    with run_server(tmp_path_factory.mktemp("slow-upstream"), "tests.fake_upstream", "--delay-ms", "2000",
+                    health="/v1/models") as url:
+        yield url
+
+
+def test_by_default_a_thousand_requests_wait_on_a_slow_upstream_and_none_is_refused(slow_upstream, tmp_path_factory):
+    """Default settings: requests waiting on their upstream cost the gateway nothing, so 1,000 arriving within two
+    seconds (a batch job, a ONE API deployment's open connections to a slow model) are all in flight together and
+    all answered. The in-flight limit measured from request durations that came before refused most of them."""
+    tmp = tmp_path_factory.mktemp("defaults")
+    with database("sqlite", tmp) as url, run_relay(url, tmp) as relay:
+        add_fake_channel(relay, slow_upstream, "slow", ["plain-model"])
+        key = relay.new_key()["key"]
+        body = {"model": "plain-model", "messages": [{"role": "user", "content": "hi"}]}
+
+        host, port = relay.url.removeprefix("http://").split(":")
+        raw = json.dumps(body).encode()
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n").encode() + raw
+
+        async def burst() -> tuple[list[int], float]:
+            async def one(n: int) -> int:  # a connection each, raw: an HTTP client library would need the CPU
+                await asyncio.sleep(n / 500)
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(request)
+                status = int((await asyncio.wait_for(reader.readline(), 60)).split()[1])
+                writer.close()
+                return status
+
+            calls = [asyncio.create_task(one(n)) for n in range(1000)]
+            peak = 0.0
+            while not all(c.done() for c in calls):
+                await asyncio.sleep(0.25)
+                peak = max(peak, await asyncio.to_thread(_metric, relay, "relay_requests_in_flight"))
+            return [c.result() for c in calls], peak
+
+        statuses, peak = asyncio.run(burst())
+        assert statuses.count(200) == 1000, collections.Counter(statuses)
+        assert peak >= 500  # hundreds in flight together (the limit before started at 64)
+        assert _metric(relay, "relay_shed_requests_total") == 0
+        text = httpx.get(relay.url + "/metrics", timeout=10).text
+        assert "relay_inflight_limit NaN" in text  # no limit by default
+        assert "relay_event_loop_lag_seconds_count" in text and "relay_event_loop_busy_ratio" in text
